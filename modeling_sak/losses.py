@@ -1,0 +1,142 @@
+"""Task and distillation losses of SAK, exactly as the reference implementation computes them.
+
+Every task loss ignores the label value `ignore_index` (255) and divides a sum by the number of valid *pixels*
+(not elements), so a 3-channel normal map counts each pixel once. Losses are computed in float32 whatever the
+autocast dtype of the model outputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _as_label_map(labels: torch.Tensor, task: str) -> torch.Tensor:
+    """(B, H, W) or (B, 1, H, W) class labels -> (B, H, W) long."""
+    if labels.dim() == 4 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.dim() != 3:
+        raise ValueError(f"labels['{task}'] must be (batch_size, height, width) class ids, got {tuple(labels.shape)}")
+    return labels.long()
+
+
+def _as_dense(labels: torch.Tensor, channels: int, task: str) -> torch.Tensor:
+    """(B, H, W) or (B, C, H, W) dense labels -> (B, C, H, W) float."""
+    if labels.dim() == 3 and channels == 1:
+        labels = labels[:, None]
+    if labels.dim() != 4 or labels.shape[1] != channels:
+        raise ValueError(
+            f"labels['{task}'] must be (batch_size, {channels}, height, width), got {tuple(labels.shape)}"
+        )
+    return labels.float()
+
+
+def cross_entropy_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, balanced: bool = False, task: str = "semseg"
+) -> torch.Tensor:
+    """Summed cross entropy over valid pixels divided by their number.
+
+    With `balanced=True` (saliency, 2 classes) the classes are weighted `[1 - w, w]` with `w` the fraction of valid
+    background pixels in the batch, and the sum is still divided by the number of valid pixels.
+    """
+    labels = _as_label_map(labels, task)
+    logits = logits.float()
+    valid = labels != ignore_index
+    weight = None
+    if balanced:
+        if logits.shape[1] != 2:
+            raise ValueError(f"balanced cross entropy of task '{task}' needs 2 output channels, got {logits.shape[1]}")
+        positives = labels[valid].float()
+        w = (1.0 - positives).sum() / positives.numel() if positives.numel() else logits.new_tensor(0.5)
+        weight = torch.stack((1.0 - w, w)).to(logits.dtype)
+    loss = F.cross_entropy(logits, labels, weight=weight, ignore_index=ignore_index, reduction="sum")
+    return loss / valid.sum().clamp(min=1)
+
+
+def normals_l1_loss(prediction: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """L1 between the L2-normalised prediction and the label, summed over channels and valid pixels / #valid pixels.
+
+    A pixel is valid when none of its label channels equals `ignore_index`.
+    """
+    return l1_loss(F.normalize(prediction.float(), p=2, dim=1), labels, ignore_index, task="normals")
+
+
+def l1_loss(
+    prediction: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, task: str = "depth"
+) -> torch.Tensor:
+    """Summed absolute error over valid pixels (all label channels != ignore_index) / number of valid pixels."""
+    labels = _as_dense(labels, prediction.shape[1], task)
+    valid = (labels != ignore_index).all(dim=1, keepdim=True)
+    error = (prediction.float() - labels).abs() * valid
+    return error.sum() / valid.sum().clamp(min=1)
+
+
+def balanced_bce_loss(
+    logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 0.95, ignore_index: int = 255, task: str = "edge"
+) -> torch.Tensor:
+    """HED-style balanced BCE: BCE-with-logits(pos_weight = w / (1 - w)) * (1 - w), averaged over valid pixels."""
+    labels = _as_dense(labels, 1, task)
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, torch.zeros_like(labels))
+    per_pixel = F.binary_cross_entropy_with_logits(
+        logits.float(), target, pos_weight=logits.new_tensor(pos_weight / (1.0 - pos_weight)).float(), reduction="none"
+    )
+    return (per_pixel * valid).sum() / valid.sum().clamp(min=1) * (1.0 - pos_weight)
+
+
+def task_loss(
+    loss_type: str, output: torch.Tensor, labels: torch.Tensor, task: str, ignore_index: int = 255, **options
+) -> torch.Tensor:
+    """Dispatch one task's loss by its `loss_type` (see `SAKConfig.task_loss_types`)."""
+    if labels.shape[-2:] != output.shape[-2:]:
+        raise ValueError(
+            f"labels['{task}'] has spatial size {tuple(labels.shape[-2:])} but the prediction is "
+            f"{tuple(output.shape[-2:])}; give labels at the size of pixel_values"
+        )
+    if labels.shape[0] != output.shape[0]:
+        raise ValueError(f"labels['{task}'] has batch size {labels.shape[0]}, pixel_values {output.shape[0]}")
+    if loss_type == "cross_entropy":
+        return cross_entropy_loss(output, labels, ignore_index, task=task)
+    if loss_type == "balanced_cross_entropy":
+        return cross_entropy_loss(output, labels, ignore_index, balanced=True, task=task)
+    if loss_type == "normals_l1":
+        return normals_l1_loss(output, labels, ignore_index)
+    if loss_type == "l1":
+        return l1_loss(output, labels, ignore_index, task=task)
+    if loss_type == "balanced_bce":
+        return balanced_bce_loss(output, labels, options.get("pos_weight", 0.95), ignore_index, task=task)
+    raise ValueError(f"unknown loss type {loss_type!r} for task '{task}'")
+
+
+def match_feature_grids(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring two (B, C, h, w) maps to one grid, as the reference does.
+
+    Only the heights are compared: when the teacher's grid is taller the student map is resized to the teacher's
+    grid, otherwise (including equal heights with different widths) the teacher map is resized to the student's.
+    Bilinear, align_corners=False. (With the paper's teachers this resizes the smaller grid to the larger one.)
+    """
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student, teacher
+    if teacher.shape[-2] > student.shape[-2]:
+        student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    else:
+        teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
+    return student, teacher
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: str = "cos+l1") -> torch.Tensor:
+    """Loss between one student map and one teacher map, both (B, C, h, w) (grids matched first).
+
+    "cos+l1": 0.9 * (1 - cos) of the per-sample flattened maps, averaged over the batch, + 0.1 * SmoothL1 (beta 1,
+    mean); "cos": the cosine term alone; "l2": mean squared error.
+    """
+    student, teacher = match_feature_grids(student.float(), teacher.float())
+    if loss_type == "l2":
+        return F.mse_loss(student, teacher)
+    target = student.new_ones(student.shape[0])
+    cosine = F.cosine_embedding_loss(student.flatten(1), teacher.flatten(1), target)
+    if loss_type == "cos":
+        return cosine
+    if loss_type == "cos+l1":
+        return 0.9 * cosine + 0.1 * F.smooth_l1_loss(student, teacher, beta=1.0)
+    raise ValueError(f"distill_loss_type={loss_type!r} is not one of ['cos+l1', 'cos', 'l2']")
