@@ -599,7 +599,8 @@ class SAKForMultiTask(SAKPreTrainedModel):
         if config is None:
             config = SAKConfig(stem_config=stem_config.to_dict(), **config_kwargs)
         model = cls(config)
-        source = AutoModel.from_pretrained(stem_name_or_path, **hub_kwargs)
+        extra = {"add_pooling_layer": False} if stem_config.model_type == "vit" else {}
+        source = AutoModel.from_pretrained(stem_name_or_path, **hub_kwargs, **extra)
         stem_state = stem_state_dict_from_transformers(source.state_dict(), source.config, config)
         missing, unexpected = model.stem.load_state_dict(stem_state, strict=False)
         if missing or unexpected:
@@ -660,13 +661,14 @@ def stem_state_dict_from_transformers(
             if all(piece is not None for piece in pieces):
                 mapped[f"layers.{layer}.attention.qkv.{part}"] = torch.cat(pieces, dim=0)
     positions = mapped["embeddings.position_embeddings"]
-    side = math.isqrt(positions.shape[1] - 1)
-    source_patch = source_config.patch_size
-    source_grid = (
-        (source_config.image_size // source_patch,) * 2
-        if isinstance(source_config.image_size, int) and side * side == positions.shape[1] - 1
-        else (side, side)
-    )
+    num_patches = positions.shape[1] - 1
+    size, patch = source_config.image_size, source_config.patch_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    source_grid = (size[0] // patch[0], size[1] // patch[1])
+    if source_grid[0] * source_grid[1] != num_patches:  # a config whose image_size does not describe its weights
+        side = math.isqrt(num_patches)
+        source_grid = (side, num_patches // side)
     mapped["embeddings.position_embeddings"] = resize_position_embeddings(positions, source_grid, config.grid_size)
     return mapped
 

@@ -1,0 +1,67 @@
+"""Shared builders of tiny real SAK models and reference checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from modeling_sak import SAKConfig  # noqa: E402
+
+
+TINY_IMAGE_SIZE = (64, 96)  # a 4 x 6 patch grid: non-square on purpose
+TEACHERS = ("dinov2", "clip", "sam")
+
+
+def tiny_stem(**overrides) -> dict:
+    """A 4-layer, width-32 ViT stem config (LayerNorm eps 1e-6 as the reference)."""
+    stem = {
+        "model_type": "vit",
+        "hidden_size": 32,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "patch_size": 16,
+        "layer_norm_eps": 1e-6,
+    }
+    stem.update(overrides)
+    return stem
+
+
+def tiny_config(**overrides) -> SAKConfig:
+    """Tiny SAK: 4-layer width-32 stem, 3 teachers, the 4 NYUD-v2 tasks."""
+    kwargs = {
+        "stem_config": tiny_stem(),
+        "image_size": list(TINY_IMAGE_SIZE),
+        "teachers": {name: 32 for name in TEACHERS},
+        "tasks": "nyud_v2",
+    }
+    kwargs.update(overrides)
+    return SAKConfig(**kwargs)
+
+
+def nyud_labels(batch: int, height: int, width: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random NYUD-v2 style labels with some ignored pixels."""
+    generator = torch.Generator().manual_seed(seed)
+    semseg = torch.randint(0, 40, (batch, height, width), generator=generator)
+    semseg[:, :2] = 255
+    normals = torch.nn.functional.normalize(torch.randn(batch, 3, height, width, generator=generator), dim=1)
+    normals[:, :, -2:] = 255
+    edge = (torch.rand(batch, 1, height, width, generator=generator) > 0.9).float()
+    depth = torch.rand(batch, 1, height, width, generator=generator) * 5 + 0.5
+    depth[:, :, :, :3] = 255
+    return {"semseg": semseg, "normals": normals, "edge": edge, "depth": depth}
+
+
+@pytest.fixture
+def config() -> SAKConfig:
+    return tiny_config()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
