@@ -12,8 +12,15 @@ import torch
 import torch.nn.functional as F
 from conftest import TEACHERS, TINY_IMAGE_SIZE, nyud_labels, tiny_config
 from safetensors import safe_open
-from transformers import AutoModel, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-from transformers import ViTConfig, ViTModel
+from transformers import (
+    AutoModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    ViTConfig,
+    ViTModel,
+)
 
 from modeling_sak import SAKForMultiTask
 from modeling_sak.modeling_sak import resize_position_embeddings
