@@ -91,8 +91,22 @@ def _as_hw(value: Any, name: str) -> list[int]:
     return list(value)
 
 
+def _ordered(mapping: Any, name: str) -> Any:
+    """Accept the on-disk form of an ordered mapping, a list of single-entry dicts, and return a dict.
+
+    transformers writes config.json with sorted keys, so `teachers` and `tasks` are saved as lists to keep their
+    order (the teacher order is the routers' expert order).
+    """
+    if isinstance(mapping, list | tuple):
+        if not all(isinstance(entry, dict) and len(entry) == 1 for entry in mapping):
+            raise ValueError(f"{name}={mapping!r} must be a mapping or a list of single-entry mappings")
+        return {key: value for entry in mapping for key, value in entry.items()}
+    return mapping
+
+
 def normalize_teachers(teachers: Any) -> dict[str, dict[str, Any]]:
     """Turn `{name: width}` or `{name: {"hidden_size": width, ...}}` into the stored `{name: {...}}` form."""
+    teachers = _ordered(teachers, "teachers")
     if teachers is None:
         return {}
     if not isinstance(teachers, dict):
@@ -187,12 +201,12 @@ class SAKConfig(PreTrainedConfig):
     stem_config: dict | PreTrainedConfig | None = None
     image_size: int | list[int] | tuple[int, int] = (448, 576)
     out_indices: list[int] | tuple[int, ...] | None = None
-    teachers: dict | None = None
+    teachers: dict | list | None = None
     down_ratio: int = 4
     use_aligners: bool = False
     router_type: str = "mor"
     noisy_gating: bool = True
-    tasks: dict | str | None = "nyud_v2"
+    tasks: dict | list | str | None = "nyud_v2"
     task_loss_weights: dict | None = None
     task_loss_types: dict | None = None
     edge_pos_weight: float = 0.95
@@ -205,7 +219,7 @@ class SAKConfig(PreTrainedConfig):
         if isinstance(self.stem_config, dict):
             self.stem_config = dict(self.stem_config)
             self.stem_config.setdefault("model_type", "vit")
-        preset = None
+        self.tasks = _ordered(self.tasks, "tasks")
         if self.tasks is None or isinstance(self.tasks, str):
             preset_name = self.tasks or "nyud_v2"
             if preset_name not in TASK_PRESETS:
@@ -305,6 +319,14 @@ class SAKConfig(PreTrainedConfig):
                 raise ValueError(f"task_loss_weights['{task}']={weight!r} must be a non-negative number")
         if not 0.0 < self.edge_pos_weight < 1.0:
             raise ValueError(f"edge_pos_weight={self.edge_pos_weight} must lie strictly between 0 and 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serialise; `teachers` and `tasks` become lists of single-entry dicts so that their order survives JSON."""
+        output = super().to_dict()
+        for key in ("teachers", "tasks"):
+            if isinstance(output.get(key), dict):
+                output[key] = [{name: value} for name, value in output[key].items()]
+        return output
 
     @property
     def hidden_size(self) -> int:
