@@ -25,7 +25,9 @@ def _to_chw_float(image, index: int) -> torch.Tensor:
     if Image is not None and isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = torch.from_numpy(
+            np.array(image, copy=True) if not image.flags.writeable else np.ascontiguousarray(image)
+        )
     if not isinstance(image, torch.Tensor):
         raise ValueError(
             f"image {index} has type {type(image).__name__}; give PIL images, numpy arrays or torch tensors"

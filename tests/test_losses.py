@@ -1,0 +1,98 @@
+"""Each loss of DESIGN section 2 on small hand-computed tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modeling_sak.losses import (
+    balanced_bce_loss,
+    cross_entropy_loss,
+    distillation_loss,
+    l1_loss,
+    match_feature_grids,
+    normals_l1_loss,
+    task_loss,
+)
+
+
+def test_cross_entropy_sums_over_valid_pixels_and_divides_by_their_number():
+    logits = torch.tensor([[[[2.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]]])  # (1, 2, 1, 3)
+    labels = torch.tensor([[[0, 1, 255]]])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(math.e / (1 + math.e))) / 2
+    assert cross_entropy_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert cross_entropy_loss(logits, labels[:, None]).item() == pytest.approx(expected, rel=1e-6)  # (B, 1, H, W)
+
+
+def test_balanced_cross_entropy_weights_classes_by_the_batch_balance():
+    logits = torch.tensor([[[[1.0, 0.0, 0.5, 3.0]], [[0.0, 2.0, 0.0, 0.0]]]])
+    labels = torch.tensor([[[1, 0, 0, 255]]])
+    w = 2 / 3  # fraction of valid background pixels
+    log_p = torch.log_softmax(logits[0, :, 0, :3], dim=0)
+    expected = -(w * log_p[1, 0] + (1 - w) * log_p[0, 1] + (1 - w) * log_p[0, 2]) / 3
+    assert task_loss("balanced_cross_entropy", logits, labels, "sal").item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
+
+
+def test_normals_loss_normalises_the_prediction_and_skips_pixels_with_255():
+    prediction = torch.tensor([[[[3.0, 1.0]], [[0.0, 1.0]], [[4.0, 1.0]]]])  # pixel 0 -> (0.6, 0, 0.8)
+    labels = torch.tensor([[[[1.0, 255.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # pixel 1 ignored (one channel is 255)
+    assert normals_l1_loss(prediction, labels).item() == pytest.approx(0.4 + 0.8, rel=1e-6)
+
+
+def test_depth_l1_ignores_255():
+    prediction = torch.tensor([[[[1.0, 2.0, 3.0]]]])
+    labels = torch.tensor([[[[1.5, 255.0, 2.0]]]])
+    assert l1_loss(prediction, labels).item() == pytest.approx((0.5 + 1.0) / 2)
+    assert l1_loss(prediction, labels[:, 0]).item() == pytest.approx(0.75)  # (B, H, W) labels too
+
+
+def test_balanced_bce_is_hed_style():
+    logits = torch.tensor([[[[0.0, 2.0, -5.0]]]])
+    labels = torch.tensor([[[[1.0, 0.0, 255.0]]]])
+    w = 0.95
+    expected = (w / (1 - w) * math.log(2) + math.log(1 + math.exp(2))) / 2 * (1 - w)
+    assert balanced_bce_loss(logits, labels, pos_weight=w).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_all_ignored_gives_zero_not_nan():
+    labels = torch.full((1, 1, 2, 2), 255.0)
+    assert l1_loss(torch.ones(1, 1, 2, 2), labels).item() == 0.0
+    assert cross_entropy_loss(torch.zeros(1, 3, 2, 2), labels[:, 0].long()).item() == 0.0
+
+
+def test_distillation_cos_l1_and_l2_variants():
+    student = torch.tensor([1.0, 0.0]).reshape(1, 2, 1, 1)
+    teacher = torch.tensor([0.0, 1.0]).reshape(1, 2, 1, 1)
+    # cos = 0 -> 1 - cos = 1; smooth L1 with |d| = 1 per element -> 0.5 each, mean 0.5.
+    assert distillation_loss(student, teacher, "cos+l1").item() == pytest.approx(0.9 * 1 + 0.1 * 0.5)
+    assert distillation_loss(student, teacher, "cos").item() == pytest.approx(1.0)
+    assert distillation_loss(student, teacher, "l2").item() == pytest.approx(1.0)
+    # The cosine is taken over each sample's whole flattened map, then averaged over the batch.
+    s = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]]).reshape(2, 2, 1, 2)
+    t = torch.tensor([[1.0, 0.0, 1.0, 0.0], [1.0, 1.0, -1.0, -1.0]]).reshape(2, 2, 1, 2)
+    assert distillation_loss(s, t, "cos").item() == pytest.approx((0.0 + 1.0) / 2)
+    with pytest.raises(ValueError, match="distill_loss_type"):
+        distillation_loss(s, t, "kl")
+
+
+def test_grid_rule_resizes_the_student_only_when_the_teacher_is_taller():
+    student = torch.randn(1, 4, 2, 3)
+    s, t = match_feature_grids(student, torch.randn(1, 4, 4, 4))  # taller teacher (SAM 64x64 vs 28x36)
+    assert s.shape[-2:] == (4, 4) and t.shape[-2:] == (4, 4)
+    s, t = match_feature_grids(student, torch.randn(1, 4, 2, 8))  # same height, wider teacher -> teacher resized
+    assert s.shape[-2:] == (2, 3) and t.shape[-2:] == (2, 3)
+    s, t = match_feature_grids(student, torch.randn(1, 4, 1, 9))  # shorter teacher -> teacher resized
+    assert s is student and t.shape[-2:] == (2, 3)
+    expected = torch.nn.functional.interpolate(student, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(match_feature_grids(student, torch.randn(1, 4, 4, 4))[0], expected)
+
+
+def test_label_shape_errors_name_the_task():
+    with pytest.raises(ValueError, match=r"labels\['depth'\] has spatial size"):
+        task_loss("l1", torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2), "depth")
+    with pytest.raises(ValueError, match=r"labels\['normals'\] must be \(batch_size, 3"):
+        task_loss("normals_l1", torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4), "normals")
