@@ -414,7 +414,8 @@ class SAKForMultiTask(SAKPreTrainedModel):
                 `semantic_loss_ignore_index` (255) marks ignored pixels. Every task needs an entry; `None` skips one.
             teacher_features (`dict[str, list[torch.Tensor]]`, *optional*):
                 Per teacher of the config, one `(batch_size, teacher_hidden_size, grid_height, grid_width)` map per
-                output level. Adds the distillation loss.
+                output level. Adds the distillation loss. In training mode with teachers attached
+                (`load_teachers`) and no `teacher_features`, the attached committee computes them.
             output_hidden_states (`bool`, *optional*):
                 Return the stem's embeddings and block outputs.
             output_student_features (`bool`, *optional*):
@@ -422,6 +423,9 @@ class SAKForMultiTask(SAKPreTrainedModel):
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         self._check_pixel_values(pixel_values)
+        teachers = self.__dict__.get("_teachers")
+        if teacher_features is None and teachers is not None and self.training and self.config.teachers:
+            teacher_features = teachers(pixel_values)
         height, width = pixel_values.shape[-2:]
         patch_h, patch_w = self.config.patch_size
         pad_h, pad_w = (-height) % patch_h, (-width) % patch_w
@@ -575,6 +579,28 @@ class SAKForMultiTask(SAKPreTrainedModel):
                 )
         return losses
 
+    def load_teachers(self, teachers=None, dtype: torch.dtype | None = None, renormalize: bool = False, **hub_kwargs):
+        """Attach the frozen teacher committee the config names (or a given `SAKTeachers`) and return it.
+
+        Attached teachers are kept outside the module tree: they are not parameters, not in the state dict, not
+        saved and not needed for inference. In training mode, `forward` without `teacher_features` runs them.
+        """
+        from .teachers import SAKTeachers
+
+        if teachers is None:
+            teachers = SAKTeachers.from_config(self.config, dtype=dtype, renormalize=renormalize, **hub_kwargs)
+        if list(teachers.teachers) != list(self.config.teachers):
+            raise ValueError(
+                f"the committee has teachers {list(teachers.teachers)} but the model distils {list(self.config.teachers)}"
+            )
+        self.__dict__["_teachers"] = teachers
+        return teachers
+
+    @property
+    def teachers(self):
+        """The attached `SAKTeachers`, or None."""
+        return self.__dict__.get("_teachers")
+
     def save_pretrained(self, save_directory, *args, include_aligners: bool = False, **kwargs) -> None:
         """Save as a `from_pretrained`-loadable folder. Aligners are training-only and left out unless
         `include_aligners=True` (e.g. to continue distillation from a stage-1 model)."""
@@ -609,6 +635,35 @@ class SAKForMultiTask(SAKPreTrainedModel):
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}; check that stem_config matches the checkpoint"
             )
         logger.info(f"SAK stem initialised from {stem_name_or_path}; adapters, routers and heads are new")
+        return model
+
+    @classmethod
+    def from_stem_and_teachers(
+        cls, stem_name_or_path: str, teachers: dict[str, str], load_teachers: bool = False, **config_kwargs
+    ) -> SAKForMultiTask:
+        """Build a NEW SAK from a stem checkpoint and teacher ids, e.g.
+        `from_stem_and_teachers("google/vit-base-patch16-384", {"dinov2": "facebook/dinov2-base", ...})`.
+
+        Teacher widths come from the teachers' configs (no weights are downloaded unless `load_teachers=True`);
+        aligners are switched on when a width differs from the stem's.
+        """
+        from transformers import AutoConfig
+
+        from .teachers import teacher_widths
+
+        hub_kwargs = {k: config_kwargs[k] for k in ("revision", "cache_dir", "token") if k in config_kwargs}
+        specs = teacher_widths(teachers, **hub_kwargs)
+        stem_width = AutoConfig.from_pretrained(stem_name_or_path, **hub_kwargs).hidden_size
+        wider = [name for name, spec in specs.items() if spec["hidden_size"] != stem_width]
+        if wider and not config_kwargs.get("use_aligners", False):
+            logger.info(f"teachers {wider} are not {stem_width} wide like the stem: switching aligners on")
+            config_kwargs["use_aligners"] = True
+        teacher_specs = {
+            name: {"hidden_size": s["hidden_size"], "model_id": s["model_id"]} for name, s in specs.items()
+        }
+        model = cls.from_stem_pretrained(stem_name_or_path, teachers=teacher_specs, **config_kwargs)
+        if load_teachers:
+            model.load_teachers(**hub_kwargs)
         return model
 
 

@@ -1,0 +1,288 @@
+"""SAKTeachers with tiny random models of every family, saved and loaded by path like Hub teachers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_IMAGE_SIZE, nyud_labels, tiny_config
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    SamConfig,
+    SamModel,
+    SiglipConfig,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTModel,
+)
+from transformers.modeling_outputs import BaseModelOutput
+
+from modeling_sak import SAKForMultiTask
+from modeling_sak.teachers import SAKTeachers, TeacherFeatureCache, load_teacher, sam_resize_and_pad, teacher_widths
+
+
+TOWER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
+TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
+
+
+def build_family(kind: str):
+    """A tiny random model of one teacher family (and the prefix tokens it puts before its patches)."""
+    if kind == "dinov2":
+        return Dinov2Model(Dinov2Config(**TOWER, image_size=28, patch_size=14)), 1
+    if kind == "dinov2_registers":
+        config = Dinov2WithRegistersConfig(**TOWER, image_size=28, patch_size=14, num_register_tokens=2)
+        return Dinov2WithRegistersModel(config), 3
+    if kind == "clip":
+        vision = {**TOWER, "image_size": 32, "patch_size": 16}
+        return CLIPModel(CLIPConfig(vision_config=vision, text_config=TEXT)), 1
+    if kind == "clip_vision":
+        return CLIPVisionModel(CLIPVisionConfig(**TOWER, image_size=32, patch_size=16)), 1
+    if kind == "siglip":
+        vision = {**TOWER, "image_size": 32, "patch_size": 16}
+        return SiglipModel(SiglipConfig(vision_config=vision, text_config=TEXT)), 0
+    if kind == "siglip_vision":
+        return SiglipVisionModel(SiglipVisionConfig(**TOWER, image_size=32, patch_size=16)), 0
+    if kind == "sam":
+        vision = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "mlp_dim": 64, "image_size": 64,
+                  "patch_size": 16, "global_attn_indexes": [1, 3], "window_size": 2, "output_channels": 16}  # fmt: skip
+        return SamModel(SamConfig(vision_config=vision)), 0
+    if kind == "vit":
+        return ViTModel(ViTConfig(**TOWER, image_size=32, patch_size=16), add_pooling_layer=False), 1
+    if kind == "deit":  # any other AutoModel: class + distillation token found from the token count
+        return DeiTModel(DeiTConfig(**TOWER, image_size=32, patch_size=16), add_pooling_layer=False), 2
+    raise ValueError(kind)
+
+
+FAMILIES = ["dinov2", "dinov2_registers", "clip", "clip_vision", "siglip", "siglip_vision", "sam", "vit", "deit"]
+GRIDS = {"dinov2": (4, 6), "dinov2_registers": (4, 6), "sam": (4, 4)}  # patch-14 grids; SAM's padded 64x64 square
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    torch.manual_seed(0)
+    for kind in FAMILIES:
+        model = build_family(kind)[0]
+        with torch.no_grad():  # random init of some families (SAM) gives ~1e-9 features; use O(1) ones
+            for parameter in model.parameters():
+                if parameter.dim() > 1:
+                    parameter.normal_(0.0, 0.1)
+        model.save_pretrained(root / kind)
+    return root
+
+
+def test_sam_resize_and_pad_geometry():
+    x = torch.ones(1, 3, 32, 48)
+    out = sam_resize_and_pad(x, 64)
+    assert out.shape == (1, 3, 64, 64)
+    # Longest side 48 -> 64, so 32 -> int(32 * 64 / 48 + 0.5) = 43 rows; the rest is zero padding right/bottom.
+    torch.testing.assert_close(out[..., :43, :], torch.ones(1, 3, 43, 64))
+    assert out[..., 43:, :].abs().sum() == 0
+    tall = sam_resize_and_pad(torch.ones(1, 3, 100, 20), 64)
+    torch.testing.assert_close(tall[..., :, :13], torch.ones(1, 3, 64, 13))
+    assert tall[..., :, 13:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_every_family_gives_four_maps_on_its_own_grid(kind, family_dirs):
+    teacher = load_teacher(kind, str(family_dirs / kind))
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+    x = torch.randn(2, 3, *TINY_IMAGE_SIZE)
+    maps = teacher(x)
+    grid = GRIDS.get(kind, (4, 6))
+    assert [tuple(m.shape) for m in maps] == [(2, 32, *grid)] * 4
+    assert all(m.dtype == torch.float32 for m in maps)
+
+
+@pytest.mark.parametrize("kind", ["dinov2", "dinov2_registers", "clip", "siglip_vision", "deit"])
+def test_maps_are_the_hidden_states_without_prefix_tokens(kind, family_dirs):
+    model, prefix = build_family(kind)
+    model.load_state_dict(AutoModel.from_pretrained(family_dirs / kind).state_dict(), strict=False)
+    teacher = load_teacher(kind, str(family_dirs / kind), out_indices=[0, 1, 2, 3])
+    reference = teacher.model
+    x = torch.randn(1, 3, 64, 96)
+    kwargs = {} if kind.startswith("dinov2") else {"interpolate_pos_encoding": True}
+    with torch.no_grad():
+        hidden = reference(pixel_values=x, output_hidden_states=True, **kwargs).hidden_states
+    for level, value in enumerate(teacher(x)):
+        expected = hidden[level + 1][:, prefix:].transpose(1, 2).reshape(1, 32, 4, 6)
+        torch.testing.assert_close(value, expected)
+
+
+def test_sam_maps_are_its_channels_last_hidden_states_on_the_padded_input(family_dirs):
+    teacher = load_teacher("sam", str(family_dirs / "sam"))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        hidden = teacher.model(sam_resize_and_pad(x, 64), output_hidden_states=True).hidden_states
+    torch.testing.assert_close(teacher(x)[2], hidden[3].permute(0, 3, 1, 2))
+
+
+def test_bf16_teachers_run_in_bf16_and_return_float32_close_to_fp32(family_dirs):
+    fp32 = load_teacher("dinov2", str(family_dirs / "dinov2"))
+    bf16 = load_teacher("dinov2", str(family_dirs / "dinov2"), dtype=torch.bfloat16)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    x = torch.randn(2, 3, *TINY_IMAGE_SIZE)
+    for a, b in zip(fp32(x), bf16(x)):
+        assert b.dtype == torch.float32
+        assert (a - b).norm() / a.norm() < 3e-2
+
+
+def test_renormalisation_is_off_by_default_and_maps_imagenet_to_the_family_stats(family_dirs):
+    plain = load_teacher("clip", str(family_dirs / "clip"))
+    renorm = load_teacher("clip", str(family_dirs / "clip"), renormalize=True)
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(plain.prepare_inputs(x), x)
+    raw = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1
+    )
+    clip_mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    clip_std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    torch.testing.assert_close(renorm.prepare_inputs(x), (raw - clip_mean) / clip_std)
+
+
+def committee_config(family_dirs, **overrides):
+    teachers = {"dinov2": {"hidden_size": 32, "model_id": str(family_dirs / "dinov2")},
+                "clip": {"hidden_size": 32, "model_id": str(family_dirs / "clip")},
+                "sam": {"hidden_size": 32, "model_id": str(family_dirs / "sam")}}  # fmt: skip
+    return tiny_config(teachers=teachers, **overrides)
+
+
+def test_attached_teachers_are_frozen_unsaved_and_used_in_training_only(family_dirs, tmp_path):
+    model = SAKForMultiTask(committee_config(family_dirs, noisy_gating=False))
+    committee = model.load_teachers()
+    assert model.teachers is committee
+    assert not any("model." in name for name in model.state_dict())  # no teacher tensor in the student
+    teacher_before = {n: p.clone() for n, p in committee.teachers.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    x = torch.randn(2, 3, *TINY_IMAGE_SIZE)
+    out = model(x, labels=nyud_labels(2, *TINY_IMAGE_SIZE))
+    assert set(out.distill_losses) == {f"{t}_level{k}" for t in ("dinov2", "clip", "sam") for k in range(1, 5)}
+    out.loss.backward()
+    assert all(p.grad is None for p in committee.teachers.parameters())
+    optimizer.step()
+    assert all(torch.equal(teacher_before[n], p) for n, p in committee.teachers.named_parameters())
+
+    model.eval()
+    assert model(x).distill_losses is None  # inference never runs the teachers
+    model.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        assert not any(k.split(".")[0] not in {"stem", "teacher_paths", "routers", "heads"} for k in handle.keys())
+
+
+def test_distillation_loss_per_teacher_and_level_equals_a_hand_computed_value(family_dirs):
+    model = SAKForMultiTask(committee_config(family_dirs)).train()
+    committee = model.load_teachers()
+    x = torch.randn(1, 3, *TINY_IMAGE_SIZE)
+    targets = committee(x)
+    out = model(x, teacher_features=targets, output_student_features=True)
+    student = out.student_features["sam"][1]  # (1, 32, 4, 6); SAM's grid is 4x4: same height, teacher resized
+    teacher = F.interpolate(targets["sam"][1], size=(4, 6), mode="bilinear", align_corners=False)
+    s, t = student.flatten(), teacher.flatten()
+    cosine = 1 - (s @ t) / (s.norm() * t.norm())
+    diff = (s - t).abs()
+    smooth_l1 = torch.where(diff < 1, 0.5 * diff**2, diff - 0.5).mean()
+    torch.testing.assert_close(out.distill_losses["sam_level2"], 0.9 * cosine + 0.1 * smooth_l1)
+
+
+def test_feature_cache_hit_miss_and_stale(family_dirs, tmp_path):
+    committee = SAKTeachers.from_config(committee_config(family_dirs))
+    x = torch.randn(2, 3, *TINY_IMAGE_SIZE)
+    cache = TeacherFeatureCache(tmp_path / "cache", committee.fingerprint(TINY_IMAGE_SIZE))
+    first = committee.features(x, ["a", "b"], cache)
+    assert (cache.hits, cache.misses) == (0, 1)
+    # A fresh cache object on the same folder serves the batch from disk, as float16-rounded float32.
+    reopened = TeacherFeatureCache(tmp_path / "cache", committee.fingerprint(TINY_IMAGE_SIZE))
+    again = committee.features(torch.zeros_like(x), ["a", "b"], reopened)
+    assert (reopened.hits, reopened.misses) == (1, 0)
+    for name in first:
+        for a, b in zip(first[name], again[name]):
+            assert b.dtype == torch.float32
+            torch.testing.assert_close(a.half().float(), b)
+    assert reopened.get(["a", "c"]) is None and reopened.misses == 1
+    with pytest.raises(ValueError, match=r"was built for other input_size.*delete the folder"):
+        TeacherFeatureCache(tmp_path / "cache", committee.fingerprint((32, 48)))
+    other_layers = committee.fingerprint(TINY_IMAGE_SIZE)
+    other_layers["teachers"][0]["out_indices"] = [0, 1, 2, 2]
+    with pytest.raises(ValueError, match="was built for other teachers"):
+        TeacherFeatureCache(tmp_path / "cache", other_layers)
+
+
+def test_widths_come_from_configs_without_weights(family_dirs, tmp_path):
+    shutil.copytree(family_dirs / "sam", tmp_path / "sam")
+    (tmp_path / "sam" / "model.safetensors").unlink()
+    specs = teacher_widths({"sam": str(tmp_path / "sam"), "clip": str(family_dirs / "clip")})
+    assert specs["sam"]["hidden_size"] == 32 and specs["sam"]["num_hidden_layers"] == 4
+
+
+def test_new_sak_from_stem_and_teacher_ids_switches_aligners_on(family_dirs, tmp_path):
+    ViTModel(ViTConfig(**TOWER, image_size=[64, 96], patch_size=16, layer_norm_eps=1e-6)).save_pretrained(tmp_path)
+    wide = tmp_path / "wide"
+    Dinov2Model(Dinov2Config(**{**TOWER, "hidden_size": 48}, image_size=28, patch_size=14)).save_pretrained(wide)
+    model = SAKForMultiTask.from_stem_and_teachers(
+        str(tmp_path), {"dinov2": str(wide), "sam": str(family_dirs / "sam")}, load_teachers=True, image_size=[64, 96]
+    )
+    assert model.config.use_aligners and model.config.teachers["dinov2"]["hidden_size"] == 48
+    assert model.aligners["dinov2"][0].out_features == 48
+    model.train()
+    out = model(torch.randn(1, 3, 64, 96), labels=nyud_labels(1, 64, 96))
+    assert torch.isfinite(out.loss) and "dinov2_level4" in out.distill_losses
+
+
+class NoHiddenConfig(PreTrainedConfig):
+    model_type = "sak_test_no_hidden"
+    hidden_size: int = 32
+    num_hidden_layers: int = 4
+    patch_size: int = 16
+
+
+class NoHiddenModel(PreTrainedModel):
+    config_class = NoHiddenConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Conv2d(3, config.hidden_size, 16, 16)
+        self.post_init()
+
+    def forward(self, pixel_values, **kwargs):
+        return BaseModelOutput(last_hidden_state=self.proj(pixel_values).flatten(2).transpose(1, 2))
+
+
+def test_bad_teachers_give_errors_naming_the_teacher_and_the_fix(family_dirs, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"teacher 'dinov2': layer indices \[4\] are out of range for a 4-layer"):
+        load_teacher("dinov2", str(family_dirs / "dinov2"), out_indices=[0, 1, 2, 4])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"teacher 'clip': cannot load the config of 'nobody/not-cached'.*hf download"):
+        load_teacher("clip", "nobody/not-cached")
+    with pytest.raises(ValueError, match="teacher 'dinov2' has no model_id"):
+        SAKTeachers.from_config(tiny_config())
+    with pytest.raises(ValueError, match=r"teacher 'clip' \(.*\) has width 32 but the config says 48"):
+        SAKTeachers.from_config(
+            tiny_config(
+                teachers={"clip": {"hidden_size": 48, "model_id": str(family_dirs / "clip")}}, use_aligners=True
+            )
+        )
+    AutoConfig.register("sak_test_no_hidden", NoHiddenConfig, exist_ok=True)
+    AutoModel.register(NoHiddenConfig, NoHiddenModel, exist_ok=True)
+    NoHiddenModel(NoHiddenConfig()).save_pretrained(tmp_path / "nohidden")
+    teacher = load_teacher("odd", str(tmp_path / "nohidden"))
+    with pytest.raises(ValueError, match="teacher 'odd' .* returned no hidden_states"):
+        teacher(torch.randn(1, 3, 32, 32))
