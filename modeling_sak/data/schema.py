@@ -1,0 +1,106 @@
+"""The multi-task dataset schema shared by every loader and writer of this package.
+
+One row per image, columns (all `datasets.Image` features, so the Hub viewer shows them):
+
+| column    | storage                                   | decoded by `decode_example`                        |
+| --------- | ----------------------------------------- | -------------------------------------------------- |
+| `id`      | string                                    | str                                                |
+| `image`   | 8-bit RGB PNG/JPEG                        | uint8 (H, W, 3)                                    |
+| `semseg`  | 8-bit L PNG: class ids 0..N-1, 255 ignore | int64 (H, W)                                       |
+| `depth`   | 32-bit float TIFF (mode F), metres, 0 = no measurement | float32 (H, W), lossless             |
+| `normals` | 8-bit RGB PNG, `v = (n + 1) * 255 / 2`    | float32 (H, W, 3) in [-1, 1] (`2 v / 255 - 1`)     |
+| `edge`    | 8-bit L PNG, 255 = boundary               | float32 (H, W) in [0, 1] (`v / 255`)               |
+
+Depth is stored as float32 TIFF rather than 16-bit millimetres: it is lossless, keeps sub-millimetre values and
+needs no scale convention. Datasets may lack some task columns (e.g. PASCAL-Context has no depth; extra PASCAL
+columns `human_parts` (8-bit ids, 255 ignore) and `sal` (8-bit, 255 = salient) follow the same rules).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from datasets import Features, Image, Value
+from PIL import Image as PILImage
+
+
+TASK_COLUMNS = ("semseg", "depth", "normals", "edge", "human_parts", "sal")
+IGNORE_INDEX = 255
+
+
+def features_for(columns: list[str]) -> Features:
+    """`datasets.Features` of a multi-task split holding `columns` (task columns of TASK_COLUMNS)."""
+    unknown = sorted(set(columns) - set(TASK_COLUMNS))
+    if unknown:
+        raise ValueError(f"unknown task columns {unknown}; the schema has {list(TASK_COLUMNS)}")
+    return Features({"id": Value("string"), "image": Image(), **{column: Image() for column in columns}})
+
+
+def encode_example(example_id: str, image: np.ndarray, **labels: np.ndarray | None) -> dict[str, Any]:
+    """Numpy arrays in the decoded convention (see the module table) -> one row of PIL images."""
+    row: dict[str, Any] = {"id": str(example_id), "image": PILImage.fromarray(_check_uint8(image, "image", 3))}
+    for task, value in labels.items():
+        if value is None:
+            continue
+        if task in ("semseg", "human_parts"):
+            if value.min() < 0 or (value.max() > 254 and value.max() != IGNORE_INDEX):
+                raise ValueError(f"{task} of {example_id}: ids must lie in 0..254 (255 = ignore)")
+            row[task] = PILImage.fromarray(value.astype(np.uint8), mode="L")
+        elif task == "depth":
+            row[task] = PILImage.fromarray(np.ascontiguousarray(value, dtype=np.float32), mode="F")
+        elif task == "normals":
+            quantised = np.clip(np.round((np.asarray(value, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            row[task] = PILImage.fromarray(quantised, mode="RGB")
+        elif task in ("edge", "sal"):
+            row[task] = PILImage.fromarray(np.clip(np.round(np.asarray(value) * 255), 0, 255).astype(np.uint8), "L")
+        else:
+            raise ValueError(f"unknown task column {task!r}")
+    return row
+
+
+def _check_uint8(array: np.ndarray, name: str, channels: int) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != channels:
+        raise ValueError(f"{name} must be uint8 (H, W, {channels}), got {array.dtype} {array.shape}")
+    return array
+
+
+def _open(value: Any) -> PILImage.Image:
+    """A PIL image from a decoded value or an undecoded `{"bytes", "path"}` cell (`Image(decode=False)`)."""
+    if isinstance(value, dict):
+        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
+        image = PILImage.open(source)
+        image.load()
+        return image
+    return value
+
+
+def decode_example(row: dict[str, Any]) -> dict[str, Any]:
+    """One row (PIL images, or undecoded image cells) -> numpy arrays in the training convention."""
+    example = {"id": str(row.get("id", "")), "image": np.asarray(_open(row["image"]).convert("RGB"), dtype=np.uint8)}
+    for task in TASK_COLUMNS:
+        value = row.get(task)
+        if value is None:
+            continue
+        value = _open(value)
+        if task in ("semseg", "human_parts"):
+            example[task] = np.asarray(value, dtype=np.int64)
+        elif task == "depth":
+            example[task] = np.asarray(value, dtype=np.float32)
+        elif task == "normals":
+            example[task] = np.asarray(value.convert("RGB"), dtype=np.float32) * (2.0 / 255.0) - 1.0
+        else:
+            example[task] = np.asarray(value.convert("L"), dtype=np.float32) / 255.0
+    return example
+
+
+def check_example(example: dict[str, Any]) -> None:
+    """Raise ValueError naming the row when a label's size differs from the image's."""
+    height, width = example["image"].shape[:2]
+    for task in TASK_COLUMNS:
+        if task in example and example[task].shape[:2] != (height, width):
+            raise ValueError(
+                f"row {example.get('id')!r}: {task} is {example[task].shape[:2]} but the image is {(height, width)}"
+            )

@@ -1,0 +1,285 @@
+"""Write multi-task datasets in the package schema (parquet shards + dataset card), optionally pushing them to the Hub.
+
+    # The reference NYUD-v2 folder (images/, segmentation/, normals/, edge/, depth/, gt_sets/{train,val}.txt):
+    python -m modeling_sak.prepare_dataset nyud --source NYUDv2 --output_dir nyud-v2-multitask [--push_to_hub ORG/NAME]
+    # ToyRooms, generated (no download):
+    python -m modeling_sak.prepare_dataset toyrooms --output_dir toyrooms [--num_train 2000 --num_test 200]
+
+The output folder loads with `datasets.load_dataset(output_dir)` (add `streaming=True` to stream it) and with
+`modeling_sak.data.loading.load_multitask_split`. See `modeling_sak.data.schema` for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import toyrooms
+from .data.schema import encode_example, features_for
+
+
+NYUD_SPLITS = {"train": "train.txt", "test": "val.txt"}
+NYUD_EXPECTED = {"train": 795, "test": 654}
+NYUD_CITATION = """@inproceedings{silberman2012indoor,
+  title={Indoor Segmentation and Support Inference from RGBD Images},
+  author={Silberman, Nathan and Hoiem, Derek and Kohli, Pushmeet and Fergus, Rob},
+  booktitle={ECCV}, year={2012}
+}"""
+
+
+def write_split(
+    rows: Iterable[dict[str, Any]], columns: list[str], output_dir: Path, split: str, total: int, rows_per_shard: int
+) -> int:
+    """Encode rows into `data/{split}-XXXXX-of-YYYYY.parquet` shards (each written to a temporary name, then renamed)."""
+    features = features_for(columns)
+    shards = max(1, math.ceil(total / rows_per_shard))
+    data_dir = output_dir / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    buffer, shard, count = [], 0, 0
+
+    def flush():
+        nonlocal shard
+        path = data_dir / f"{split}-{shard:05d}-of-{shards:05d}.parquet"
+        table = pa.Table.from_pylist([features.encode_example(row) for row in buffer], schema=features.arrow_schema)
+        partial = path.with_suffix(".tmp")
+        pq.write_table(table, partial)
+        partial.rename(path)
+        buffer.clear()
+        shard += 1
+
+    for row in tqdm(rows, total=total, desc=f"writing {split}", unit="image"):
+        buffer.append(row)
+        count += 1
+        if len(buffer) == rows_per_shard:
+            flush()
+    if buffer:
+        flush()
+    return count
+
+
+def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], columns: list[str], description: str,
+               citation: str | None = None, license: str = "other") -> None:  # fmt: skip
+    """README.md with YAML metadata (features, splits, data files) in the Hub dataset-card format."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    features = features_for(columns)
+    data = DatasetCardData(
+        pretty_name=pretty_name,
+        license=license,
+        task_categories=["image-segmentation", "depth-estimation"],
+        tags=["multi-task", "sak", "semantic-segmentation", "surface-normals", "boundary-detection"],
+        configs=[{"config_name": "default", "data_files": [{"split": s, "path": f"data/{s}-*"} for s in counts]}],
+        dataset_info={
+            "features": [{"name": name, "dtype": "string" if name == "id" else "image"} for name in features],
+            "splits": [
+                {
+                    "name": split,
+                    "num_bytes": sum(p.stat().st_size for p in (output_dir / "data").glob(f"{split}-*")),
+                    "num_examples": n,
+                }
+                for split, n in counts.items()
+            ],
+        },
+    )
+    columns_table = "\n".join(
+        f"| `{c}` | {d} |"
+        for c, d in [
+            ("id", "example id"),
+            ("image", "RGB image"),
+            ("semseg", "8-bit class ids, 255 = ignore"),
+            ("depth", "float32 TIFF, metres, 0 = no measurement"),
+            ("normals", "8-bit RGB, n = 2 v / 255 - 1 (camera frame)"),
+            ("edge", "8-bit, 255 = boundary"),
+        ]
+        if c == "id" or c == "image" or c in columns
+    )
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {pretty_name}
+
+{description}
+
+## Columns
+
+| column | content |
+| --- | --- |
+{columns_table}
+
+## Splits
+
+{", ".join(f"{split}: {n} images" for split, n in counts.items())}
+
+## Use
+
+```python
+from datasets import load_dataset
+stream = load_dataset("{output_dir.name}", split="train", streaming=True)
+```
+
+Written by `python -m modeling_sak.prepare_dataset` (SAK-HF).
+""" + (f"\n## Citation\n\n```bibtex\n{citation}\n```\n" if citation else "")
+    DatasetCard(content).save(output_dir / "README.md")
+
+
+def _read_ids(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"split file {path} is missing; the reference NYUD layout has gt_sets/train.txt, val.txt"
+        )
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _find(folder: Path, example_id: str, suffixes: tuple[str, ...]) -> Path | None:
+    for suffix in suffixes:
+        path = folder / f"{example_id}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _nyud_row(source: Path, example_id: str) -> dict[str, Any]:
+    paths = {
+        "image": _find(source / "images", example_id, (".png", ".jpg")),
+        "semseg": _find(source / "segmentation", example_id, (".png",)),
+        "normals": _find(source / "normals", example_id, (".png",)),
+        "edge": _find(source / "edge", example_id, (".png",)),
+        "depth": _find(source / "depth", example_id, (".npy",)),
+    }
+    missing = [name for name, path in paths.items() if path is None]
+    if missing:
+        raise FileNotFoundError(f"{example_id}: missing {', '.join(missing)}")
+    try:
+        image = np.asarray(Image.open(paths["image"]).convert("RGB"))
+        raw_semseg = np.asarray(Image.open(paths["semseg"]), dtype=np.int64)
+        normals = np.asarray(Image.open(paths["normals"]).convert("RGB"), dtype=np.float32) * (2 / 255) - 1
+        edge = np.asarray(Image.open(paths["edge"]).convert("L"), dtype=np.float32) / 255
+        depth = np.load(paths["depth"], allow_pickle=False).astype(np.float32)
+    except Exception as error:
+        raise ValueError(f"{example_id}: unreadable file ({error})") from error
+    depth = depth[..., 0] if depth.ndim == 3 else depth
+    # Stored 1..40 with 0 = unlabeled -> 0..39 with 255 ignored.
+    semseg = np.where(raw_semseg == 0, 255, raw_semseg - 1)
+    for name, value in (("semseg", semseg), ("normals", normals), ("edge", edge), ("depth", depth)):
+        if value.shape[:2] != image.shape[:2]:
+            raise ValueError(f"{example_id}: {name} is {value.shape[:2]} but the image is {image.shape[:2]}")
+    return encode_example(example_id, image, semseg=semseg, normals=normals, edge=edge, depth=depth)
+
+
+def convert_nyud(source: str | Path, output_dir: str | Path, rows_per_shard: int = 200) -> dict[str, int]:
+    """Convert the reference NYUD-v2 folder; every file is checked before anything is written."""
+    source, output_dir = Path(source), Path(output_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"NYUD source folder {source} does not exist")
+    splits = {split: _read_ids(source / "gt_sets" / name) for split, name in NYUD_SPLITS.items()}
+    problems = []
+    for ids in splits.values():
+        for example_id in ids:
+            for folder, suffixes in (("images", (".png", ".jpg")), ("segmentation", (".png",)),
+                                     ("normals", (".png",)), ("edge", (".png",)), ("depth", (".npy",))):  # fmt: skip
+                if _find(source / folder, example_id, suffixes) is None:
+                    problems.append(f"{folder}/{example_id}{suffixes[0]}")
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} files are missing from {source}: {problems[:10]}")
+    counts = {}
+    columns = ["semseg", "depth", "normals", "edge"]
+    for split, ids in splits.items():
+        rows = (_nyud_row(source, example_id) for example_id in ids)
+        counts[split] = write_split(rows, columns, output_dir, split, len(ids), rows_per_shard)
+        if counts[split] != len(ids):
+            raise RuntimeError(f"{split}: wrote {counts[split]} rows for {len(ids)} ids")
+        if counts[split] != NYUD_EXPECTED[split]:
+            print(f"note: {split} has {counts[split]} images (the NYUD-v2 protocol has {NYUD_EXPECTED[split]})")
+    write_card(
+        output_dir,
+        "NYUD-v2 multi-task (SAK schema)",
+        counts,
+        columns,
+        "NYUD-v2 with 40-class semantic segmentation, depth, surface normals and boundaries (795 train / 654 test), "
+        "converted from the multi-task reference folder layout.",
+        NYUD_CITATION,
+    )
+    return counts
+
+
+def make_toyrooms(output_dir: str | Path, num_train: int = 2000, num_test: int = 200,
+                  size: tuple[int, int] = (96, 128), seed: int = 0, rows_per_shard: int = 500) -> dict[str, int]:  # fmt: skip
+    """Render ToyRooms train (scenes 0..num_train-1) and test (scenes 10**6..) splits into the schema."""
+    output_dir = Path(output_dir)
+    columns = ["semseg", "depth", "normals", "edge"]
+
+    def rows(start: int, count: int) -> Iterator[dict[str, Any]]:
+        for scene in toyrooms.generate(seed, start, count, *size):
+            yield encode_example(scene.pop("id"), scene.pop("image"), **scene)
+
+    counts = {
+        "train": write_split(rows(0, num_train), columns, output_dir, "train", num_train, rows_per_shard),
+        "test": write_split(rows(10**6, num_test), columns, output_dir, "test", num_test, rows_per_shard),
+    }
+    write_card(
+        output_dir,
+        "ToyRooms",
+        counts,
+        columns,
+        f"Procedurally ray-cast indoor rooms ({size[0]}x{size[1]}, seed {seed}) with exact depth, camera-frame "
+        f"normals, {len(toyrooms.CLASSES)} semantic classes ({', '.join(toyrooms.CLASSES)}) and boundaries.",
+        license="apache-2.0",
+    )
+    return counts
+
+
+def push_folder(output_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a written folder as a dataset repo; returns its URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(output_dir), repo_id=repo_id, repo_type="dataset", commit_message="Add data")
+    return f"https://huggingface.co/datasets/{repo_id}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m modeling_sak.prepare_dataset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = parser.add_subparsers(dest="dataset", required=True)
+    nyud = sub.add_parser("nyud", help="convert the reference NYUD-v2 folder layout")
+    nyud.add_argument(
+        "--source", required=True, help="folder with images/ segmentation/ normals/ edge/ depth/ gt_sets/"
+    )
+    toy = sub.add_parser("toyrooms", help="render ToyRooms")
+    toy.add_argument("--num_train", type=int, default=2000, help="training scenes")
+    toy.add_argument("--num_test", type=int, default=200, help="test scenes")
+    toy.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="image size")
+    toy.add_argument("--seed", type=int, default=0, help="scene seed: the same seed gives the same dataset")
+    for command in (nyud, toy):
+        command.add_argument("--output_dir", required=True, help="folder to write data/*.parquet and README.md into")
+        command.add_argument("--rows_per_shard", type=int, default=200, help="rows per parquet shard")
+        command.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder as this dataset repo")
+        command.add_argument("--private", action="store_true", help="with --push_to_hub: create a private repo")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.dataset == "nyud":
+        counts = convert_nyud(args.source, args.output_dir, args.rows_per_shard)
+    else:
+        counts = make_toyrooms(args.output_dir, args.num_train, args.num_test, tuple(args.size), args.seed,
+                               args.rows_per_shard)  # fmt: skip
+    print(f"wrote {', '.join(f'{s}: {n}' for s, n in counts.items())} to {args.output_dir}")
+    if args.push_to_hub:
+        print(f"uploaded to {push_folder(args.output_dir, args.push_to_hub, args.private)}")
+
+
+if __name__ == "__main__":
+    main()

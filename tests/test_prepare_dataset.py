@@ -1,0 +1,195 @@
+"""prepare_dataset + loading: a fake reference NYUD folder is converted, streamed, transformed and batched."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from datasets import Array2D, Array3D, Dataset, Features, Value, load_dataset
+from PIL import Image
+
+from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
+from modeling_sak.data.transforms import MultiTaskTransform
+from modeling_sak.prepare_dataset import main
+
+
+NYUD_TASKS = ["semseg", "normals", "edge", "depth"]
+SIZE = (24, 32)
+
+
+def write_fake_nyud(root, train=("0003", "0007", "0011"), test=("0001", "0005"), seed=0):
+    rng = np.random.default_rng(seed)
+    files = {}
+    for folder in ("images", "segmentation", "normals", "edge", "depth", "gt_sets"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for example_id in (*train, *test):
+        image = rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+        segmentation = rng.integers(0, 41, SIZE).astype(np.uint8)  # 1..40, 0 = unlabeled
+        normals = rng.integers(0, 256, (*SIZE, 3), dtype=np.uint8)
+        edge = (rng.random(SIZE) > 0.9).astype(np.uint8) * 255
+        depth = rng.uniform(0.5, 9.0, SIZE).astype(np.float32)
+        Image.fromarray(image).save(root / "images" / f"{example_id}.png")
+        Image.fromarray(segmentation).save(root / "segmentation" / f"{example_id}.png")
+        Image.fromarray(normals).save(root / "normals" / f"{example_id}.png")
+        Image.fromarray(edge).save(root / "edge" / f"{example_id}.png")
+        np.save(root / "depth" / f"{example_id}.npy", depth)
+        files[example_id] = {"image": image, "segmentation": segmentation, "normals": normals, "edge": edge,
+                             "depth": depth}  # fmt: skip
+    (root / "gt_sets" / "train.txt").write_text("\n".join(train) + "\n")
+    (root / "gt_sets" / "val.txt").write_text("\n".join(test) + "\n")
+    return files
+
+
+def test_nyud_folder_converts_streams_and_batches_with_the_reference_label_values(tmp_path):
+    files = write_fake_nyud(tmp_path / "NYUD")
+    main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out"), "--rows_per_shard", "2"])
+    assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]  # fmt: skip
+    card = (tmp_path / "out" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert {s["name"]: s["num_examples"] for s in metadata["dataset_info"]["splits"]} == {"train": 3, "test": 2}
+    assert "silberman2012indoor" in card
+
+    stream = load_multitask_split(str(tmp_path / "out"), "test", streaming=True)
+    eval_stream = MultiTaskStream(stream, MultiTaskTransform(train=False, size=(32, 32)), NYUD_TASKS, train=False)
+    loader = torch.utils.data.DataLoader(eval_stream, batch_size=2, collate_fn=eval_stream.collate)
+    batch = next(iter(loader))
+    assert batch["ids"] == ["0001", "0005"] and batch["pixel_values"].shape == (2, 3, 32, 32)
+    labels, reference = batch["labels"], files["0001"]
+    rows = slice(4, 28)  # 24 rows centred in 32
+    expected_semseg = np.where(reference["segmentation"] == 0, 255, reference["segmentation"].astype(np.int64) - 1)
+    np.testing.assert_array_equal(labels["semseg"][0, rows].numpy(), expected_semseg)
+    assert (labels["semseg"][0, :4] == 255).all()
+    np.testing.assert_array_equal(labels["depth"][0, 0, rows].numpy(), reference["depth"])  # lossless metres
+    np.testing.assert_allclose(labels["normals"][0, :, rows].numpy(),
+                               reference["normals"].transpose(2, 0, 1) * (2 / 255) - 1, atol=1e-6)  # fmt: skip
+    np.testing.assert_array_equal(labels["edge"][0, 0, rows].numpy(), reference["edge"] / 255.0)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(batch["pixel_values"][0, :, 4, 0].numpy(), (reference["image"][0, 0] / 255 - mean) / std,
+                               rtol=1e-5)  # fmt: skip
+
+    # The same folder without streaming, and a training stream with augmentation, give model-ready batches.
+    train = load_multitask_split(str(tmp_path / "out"), "train", streaming=False, shuffle_buffer=10)
+    assert len(train) == 3
+    train_stream = MultiTaskStream(train, MultiTaskTransform(train=True, size=(16, 16)), NYUD_TASKS, train=True)
+    batch = next(iter(torch.utils.data.DataLoader(train_stream, batch_size=3, collate_fn=train_stream.collate)))
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["skipped"] == []
+
+
+def test_missing_files_are_all_listed_before_anything_is_written(tmp_path):
+    write_fake_nyud(tmp_path / "NYUD")
+    (tmp_path / "NYUD" / "depth" / "0007.npy").unlink()
+    (tmp_path / "NYUD" / "edge" / "0001.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"2 files are missing.*depth/0007.npy.*edge/0001.png"):
+        main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_and_mismatched_files_name_the_example(tmp_path):
+    write_fake_nyud(tmp_path / "NYUD")
+    (tmp_path / "NYUD" / "images" / "0011.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="0011: unreadable file"):
+        main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
+    write_fake_nyud(tmp_path / "NYUD2")
+    np.save(tmp_path / "NYUD2" / "depth" / "0003.npy", np.ones((10, 10), np.float32))
+    with pytest.raises(ValueError, match=r"0003: depth is \(10, 10\) but the image is \(24, 32\)"):
+        main(["nyud", "--source", str(tmp_path / "NYUD2"), "--output_dir", str(tmp_path / "out2")])
+
+
+def test_push_to_hub_uploads_the_dataset_folder(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    write_fake_nyud(tmp_path / "NYUD")
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append((repo_id, kw)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(kw))
+    main(
+        [
+            "nyud",
+            "--source",
+            str(tmp_path / "NYUD"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--push_to_hub",
+            "org/nyud",
+        ]
+    )
+    assert calls[0] == ("org/nyud", {"repo_type": "dataset", "private": False, "exist_ok": True})
+    assert calls[1]["repo_type"] == "dataset" and calls[1]["folder_path"] == str(tmp_path / "out")
+
+
+def write_with_a_bad_row(tmp_path):
+    main(
+        [
+            "toyrooms",
+            "--output_dir",
+            str(tmp_path / "toy"),
+            "--num_train",
+            "4",
+            "--num_test",
+            "2",
+            "--size",
+            "32",
+            "48",
+        ]
+    )
+    path = next((tmp_path / "toy" / "data").glob("train-*.parquet"))
+    table = pq.read_table(path)
+    rows = table.to_pylist()
+    rows[1]["image"] = {"bytes": b"corrupt", "path": None}  # undecodable image
+    buffer = io.BytesIO()
+    Image.new("L", (5, 5)).save(buffer, format="PNG")
+    rows[2]["depth"] = {"bytes": buffer.getvalue(), "path": None}  # label of the wrong size
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
+    return tmp_path / "toy"
+
+
+def test_bad_rows_are_skipped_and_counted_in_training_and_fatal_in_evaluation(tmp_path):
+    folder = write_with_a_bad_row(tmp_path)
+    split = load_multitask_split(str(folder), "train", streaming=True)
+    stream = MultiTaskStream(split, MultiTaskTransform(train=True, size=(32, 48)), NYUD_TASKS, train=True)
+    batches = list(torch.utils.data.DataLoader(stream, batch_size=2, collate_fn=stream.collate))
+    skipped = [entry for batch in batches for entry in batch["skipped"]]
+    assert len(skipped) == 2 and sum(len(b["ids"]) for b in batches) == 2
+    assert "toyrooms-0-000001" in skipped[0] and "toyrooms-0-000002" in skipped[1] and "depth is (5, 5)" in skipped[1]
+    evaluation = MultiTaskStream(split, MultiTaskTransform(train=False, size=(32, 48)), NYUD_TASKS, train=False)
+    with pytest.raises(ValueError, match="bad evaluation row 'toyrooms-0-000001'"):
+        list(evaluation)
+
+
+def test_each_process_sees_its_own_examples_once(tmp_path):
+    main(["toyrooms", "--output_dir", str(tmp_path / "toy"), "--num_train", "10", "--num_test", "1", "--size", "32", "48",
+          "--rows_per_shard", "3"])  # fmt: skip
+    seen = []
+    for rank in range(2):
+        split = load_multitask_split(str(tmp_path / "toy"), "train", streaming=True, shuffle_buffer=4, seed=1)
+        stream = MultiTaskStream(split, MultiTaskTransform(train=False, size=(32, 48)), NYUD_TASKS, train=False,
+                                 rank=rank, world_size=2)  # fmt: skip
+        stream.set_epoch(3)
+        seen.append([example["id"] for example in stream])
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == [f"toyrooms-0-{i:06d}" for i in range(10)]
+
+
+def test_tanganke_nyuv2_layout_through_the_column_mapping(tmp_path):
+    rng = np.random.default_rng(0)
+    features = Features({"image": Array3D((3, 8, 12), "float32"), "segmentation": Array2D((8, 12), "int64"),
+                         "depth": Array3D((1, 8, 12), "float32"), "normal": Array3D((3, 8, 12), "float32"),
+                         "id": Value("string")})  # fmt: skip
+    segmentation = rng.integers(-1, 13, (8, 12))
+    Dataset.from_dict(
+        {"image": [rng.random((3, 8, 12)).astype(np.float32)], "segmentation": [segmentation],
+         "depth": [rng.random((1, 8, 12)).astype(np.float32) + 1], "normal": [rng.uniform(-1, 1, (3, 8, 12))],
+         "id": ["a"]}, features=features,
+    ).to_parquet(str(tmp_path / "nyuv2" / "train.parquet"))  # fmt: skip
+    split = load_dataset("parquet", data_files={"train": str(tmp_path / "nyuv2" / "train.parquet")}, split="train")
+    stream = MultiTaskStream(split, MultiTaskTransform(train=False, size=(8, 12)), NYUD_TASKS, train=False,
+                             dataset_name="tanganke/nyuv2")  # fmt: skip
+    batch = stream.collate(list(stream))
+    np.testing.assert_array_equal(batch["labels"]["semseg"][0].numpy(), np.where(segmentation < 0, 255, segmentation))
+    assert batch["labels"]["edge"] is None and batch["labels"]["normals"].shape == (1, 3, 8, 12)
