@@ -144,7 +144,10 @@ class SAKTeacher(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states at `out_indices` as float32 `(B, C_t, h_t, w_t)` maps, prefix/register tokens removed."""
         inputs = self.prepare_inputs(pixel_values)
-        outputs = self.model(pixel_values=inputs, output_hidden_states=True, **self._forward_kwargs)
+        native = self.image_size if isinstance(self.image_size, list | tuple) else (self.image_size,) * 2
+        # transformers interpolates position embeddings assuming a square grid: ask only when the size differs.
+        kwargs = self._forward_kwargs if tuple(inputs.shape[-2:]) != tuple(native) else {}
+        outputs = self.model(pixel_values=inputs, output_hidden_states=True, **kwargs)
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:
             raise ValueError(

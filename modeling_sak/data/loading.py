@@ -59,7 +59,8 @@ COLUMN_MAPPINGS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"tanga
 def load_multitask_split(
     name_or_path: str, split: str, streaming: bool = True, shuffle_buffer: int | None = None, seed: int = 0, **kwargs
 ):
-    """`load_dataset(name_or_path, split=split, streaming=streaming)`, optionally shuffled with a buffer."""
+    """`load_dataset(name_or_path, split=split, streaming=streaming)`, optionally shuffled with a buffer; image
+    columns are left undecoded for `MultiTaskStream`."""
     try:
         dataset = load_dataset(name_or_path, split=split, streaming=streaming, **kwargs)
     except (FileNotFoundError, ValueError) as error:
@@ -67,8 +68,18 @@ def load_multitask_split(
             f"cannot load split {split!r} of {name_or_path!r}: {str(error).splitlines()[0]}. Give a Hub dataset id "
             "or a folder written by `python -m modeling_sak.prepare_dataset`"
         ) from error
+    dataset = undecoded_images(dataset)
     if shuffle_buffer:
         dataset = dataset.shuffle(seed=seed, buffer_size=shuffle_buffer) if streaming else dataset.shuffle(seed=seed)
+    return dataset
+
+
+def undecoded_images(dataset):
+    """Image columns left undecoded: `MultiTaskStream` decodes them inside its per-row error handling, so that one
+    corrupt file cannot end the stream. (Cast before any shuffle: casting after it is several times slower.)"""
+    for column, feature in (getattr(dataset, "features", None) or {}).items():
+        if isinstance(feature, Image) and feature.decode:
+            dataset = dataset.cast_column(column, Image(decode=False))
     return dataset
 
 
@@ -98,10 +109,7 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         super().__init__()
         if world_size > 1:
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        # Decode images ourselves, inside the per-row error handling, so that one corrupt file cannot end the stream.
-        for column, feature in (getattr(dataset, "features", None) or {}).items():
-            if isinstance(feature, Image) and feature.decode:
-                dataset = dataset.cast_column(column, Image(decode=False))
+        dataset = undecoded_images(dataset)
         self.dataset, self.transform, self.tasks, self.train = dataset, transform, list(tasks), train
         self.column_mapping = column_mapping or COLUMN_MAPPINGS.get(dataset_name or "")
         self.epoch = 0

@@ -1,0 +1,1 @@
+"""Evaluation of SAK: dense metrics, boundary F-measure, Delta_m and pictures."""

@@ -1,0 +1,197 @@
+"""Pretrain ToyRooms "specialist" teachers: a geometry ViT (depth + normals) and a semantics ViT (segmentation).
+
+    python -m modeling_sak.specialist_teachers --data DIR --output_dir DIR [--steps 600]
+
+Each is a transformers `ViTModel` trained with a light per-patch head and saved with `save_pretrained` (the head and
+the test metrics go beside it in `head.safetensors` / `metrics.json`), so that SAK loads it exactly like a Hub
+teacher: `teachers={"geometry": {"hidden_size": 96, "model_id": "DIR/geometry"}, ...}`. Two teachers with different
+biases are SAK's premise in miniature. `ensure_toyrooms` / `ensure_specialists` build the data and the teachers once
+under a cache folder and reuse them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import ViTConfig, ViTModel
+
+from .data.loading import MultiTaskStream, load_multitask_split
+from .data.toyrooms import CLASSES
+from .data.transforms import MultiTaskTransform
+from .evaluation.metrics import DepthMetric, NormalsMetric, SemsegMetric
+from .losses import cross_entropy_loss, l1_loss, normals_l1_loss
+
+
+SPECIALISTS = {"geometry": {"depth": 1, "normals": 3}, "semantics": {"semseg": len(CLASSES)}}
+DEFAULT_CACHE = Path.home() / ".cache" / "sak_hf"
+
+
+class PatchHead(nn.Module):
+    """Per-token linear prediction of a patch x patch block of every output channel."""
+
+    def __init__(self, width: int, patch: int, outputs: dict[str, int]):
+        super().__init__()
+        self.patch, self.outputs = patch, dict(outputs)
+        self.proj = nn.Linear(width, patch * patch * sum(outputs.values()))
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+        batch = tokens.shape[0]
+        maps = self.proj(tokens).transpose(1, 2).reshape(batch, -1, *grid)
+        maps = F.pixel_shuffle(maps, self.patch)
+        return dict(zip(self.outputs, maps.split(list(self.outputs.values()), dim=1)))
+
+
+def _loader(data_dir: str, split: str, size: tuple[int, int], train: bool, batch_size: int, seed: int, tasks):
+    dataset = load_multitask_split(data_dir, split, streaming=False, shuffle_buffer=1 if train else None, seed=seed)
+    transform = MultiTaskTransform(train=train, size=size, seed=seed, scale_range=(0.8, 1.25), photometric=False)
+    stream = MultiTaskStream(dataset, transform, tasks, train=train)
+    return stream, torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=stream.collate)
+
+
+def train_specialist(
+    kind: str,
+    data_dir: str,
+    output_dir: str | Path,
+    size: tuple[int, int] = (96, 128),
+    steps: int = 600,
+    batch_size: int = 16,
+    width: int = 96,
+    depth: int = 6,
+    patch: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train one specialist, save it, and return its test metrics next to a chance baseline."""
+    torch.manual_seed(seed)
+    outputs = SPECIALISTS[kind]
+    config = ViTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=max(1, width // 32),
+                       intermediate_size=4 * width, image_size=list(size), patch_size=patch, layer_norm_eps=1e-6)  # fmt: skip
+    model, head = ViTModel(config, add_pooling_layer=False), PatchHead(width, patch, outputs)
+    parameters = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    grid = (size[0] // patch, size[1] // patch)
+    stream, loader = _loader(data_dir, "train", size, True, batch_size, seed, list(outputs))
+
+    def predict(pixel_values):
+        return head(model(pixel_values).last_hidden_state[:, 1:], grid)
+
+    step, epoch, start = 0, 0, time.perf_counter()
+    progress = tqdm(total=steps, desc=f"{kind} teacher", unit="step")
+    model.train()
+    while step < steps:
+        stream.set_epoch(epoch)
+        for batch in loader:
+            if batch["pixel_values"] is None:
+                continue
+            prediction, labels = predict(batch["pixel_values"]), batch["labels"]
+            if kind == "geometry":
+                loss = l1_loss(prediction["depth"], labels["depth"]) + normals_l1_loss(
+                    prediction["normals"], labels["normals"]
+                )
+            else:
+                loss = cross_entropy_loss(prediction["semseg"], labels["semseg"])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            progress.update()
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+            if step == steps:
+                break
+        epoch += 1
+    progress.close()
+
+    model.eval()
+    _, test_loader = _loader(data_dir, "test", size, False, batch_size, seed, list(outputs))
+    metrics = {}
+    with torch.no_grad():
+        if kind == "geometry":
+            depth_metric, normals_metric, chance = DepthMetric(), NormalsMetric(), DepthMetric()
+            train_mean = _mean_depth(data_dir, size)
+            for batch in test_loader:
+                prediction = predict(batch["pixel_values"])
+                depth_metric.update(prediction["depth"], batch["labels"]["depth"])
+                normals_metric.update(prediction["normals"], batch["labels"]["normals"])
+                chance.update(torch.full_like(batch["labels"]["depth"], train_mean), batch["labels"]["depth"])
+            metrics = {"depth_rmse": depth_metric.compute()["rmse"], "chance_depth_rmse": chance.compute()["rmse"],
+                       "normals_mean_angle": normals_metric.compute()["mean"]}  # fmt: skip
+        else:
+            semseg, chance = SemsegMetric(len(CLASSES)), SemsegMetric(len(CLASSES))
+            for batch in test_loader:
+                semseg.update(predict(batch["pixel_values"])["semseg"], batch["labels"]["semseg"])
+                chance.update(torch.ones_like(batch["labels"]["semseg"]), batch["labels"]["semseg"])  # all "wall"
+            metrics = {"mIoU": semseg.compute()["mIoU"], "chance_mIoU": chance.compute()["mIoU"]}
+    metrics |= {"train_seconds": round(time.perf_counter() - start, 1), "steps": steps}
+
+    output_dir = Path(output_dir)
+    model.save_pretrained(output_dir)
+    save_file(head.state_dict(), str(output_dir / "head.safetensors"))
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def _mean_depth(data_dir: str, size: tuple[int, int]) -> float:
+    stream, loader = _loader(data_dir, "train", size, False, 64, 0, ["depth"])
+    total, count = 0.0, 0
+    for batch in loader:
+        depth = batch["labels"]["depth"]
+        valid = (depth > 0) & (depth != 255)
+        total, count = total + depth[valid].sum().item(), count + valid.sum().item()
+    return total / max(count, 1)
+
+
+def ensure_toyrooms(cache_dir: str | Path = DEFAULT_CACHE, num_train: int = 2000, num_test: int = 200,
+                    size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:  # fmt: skip
+    """The ToyRooms folder for these settings, rendered on first use."""
+    from .prepare_dataset import make_toyrooms
+
+    folder = Path(cache_dir) / f"toyrooms-s{seed}-{size[0]}x{size[1]}-{num_train}-{num_test}"
+    if not (folder / "README.md").exists():  # the card is written last: its presence means a complete folder
+        make_toyrooms(folder, num_train, num_test, size, seed)
+    return folder
+
+
+def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE, steps: int = 600,
+                       size: tuple[int, int] = (96, 128), **kwargs) -> dict[str, Path]:  # fmt: skip
+    """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder and settings)."""
+    folders = {}
+    for kind in SPECIALISTS:
+        folder = Path(cache_dir) / f"specialist-{kind}-{Path(data_dir).name}-{steps}"
+        if not (folder / "metrics.json").exists():
+            train_specialist(kind, str(data_dir), folder, size=size, steps=steps, **kwargs)
+        folders[kind] = folder
+    return folders
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m modeling_sak.specialist_teachers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--data", required=True, help="a ToyRooms folder (python -m modeling_sak.prepare_dataset toyrooms)"
+    )
+    parser.add_argument("--output_dir", required=True, help="writes OUTPUT_DIR/geometry and OUTPUT_DIR/semantics")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per teacher")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per step")
+    parser.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="ToyRooms image size")
+    parser.add_argument("--width", type=int, default=96, help="teacher width")
+    parser.add_argument("--depth", type=int, default=6, help="teacher layers")
+    parser.add_argument("--patch", type=int, default=8, help="teacher patch size")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    args = parser.parse_args(argv)
+    for kind in SPECIALISTS:
+        metrics = train_specialist(kind, args.data, Path(args.output_dir) / kind, tuple(args.size), args.steps,
+                                   args.batch_size, args.width, args.depth, args.patch, args.seed)  # fmt: skip
+        print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Specialist ToyRooms teachers: trained, saved with save_pretrained, loaded like Hub teachers, cached."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from modeling_sak import SAKConfig
+from modeling_sak.specialist_teachers import ensure_specialists, ensure_toyrooms
+from modeling_sak.teachers import SAKTeachers
+
+
+def test_specialists_train_save_and_load_as_sak_teachers(tmp_path, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    data = ensure_toyrooms(tmp_path, num_train=8, num_test=4, size=(32, 48))
+    assert (data / "README.md").exists()
+    folders = ensure_specialists(data, tmp_path, steps=2, size=(32, 48), width=32, depth=4, patch=8, batch_size=4)
+    metrics = {kind: json.loads((folder / "metrics.json").read_text()) for kind, folder in folders.items()}
+    assert set(metrics["geometry"]) >= {"depth_rmse", "chance_depth_rmse", "normals_mean_angle"}
+    assert 0 <= metrics["semantics"]["mIoU"] <= 100 and metrics["semantics"]["chance_mIoU"] > 0
+
+    config = SAKConfig(
+        stem_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+                     "intermediate_size": 64, "patch_size": 8},
+        image_size=[32, 48],
+        teachers={kind: {"hidden_size": 32, "model_id": str(folder)} for kind, folder in folders.items()},
+    )  # fmt: skip
+    features = SAKTeachers.from_config(config)(torch.randn(2, 3, 32, 48))
+    assert [tuple(f.shape) for f in features["geometry"]] == [(2, 32, 4, 6)] * 4
+
+    # Second call: reused from the cache, not retrained.
+    stamp = (folders["geometry"] / "model.safetensors").stat().st_mtime_ns
+    again = ensure_specialists(data, tmp_path, steps=2, size=(32, 48), width=32, depth=4, patch=8, batch_size=4)
+    assert again == folders and (folders["geometry"] / "model.safetensors").stat().st_mtime_ns == stamp
