@@ -2,7 +2,7 @@
 
     python -m modeling_sak.specialist_teachers --data DIR --output_dir DIR [--steps 600]
 
-Each is a transformers `ViTModel` trained with a light per-patch head and saved with `save_pretrained` (the head and
+Each is a transformers `ViTModel` (width 96, 4 layers, patch 8) trained with a light per-patch head and saved with `save_pretrained` (the head and
 the test metrics go beside it in `head.safetensors` / `metrics.json`), so that SAK loads it exactly like a Hub
 teacher: `teachers={"geometry": {"hidden_size": 96, "model_id": "DIR/geometry"}, ...}`. Two teachers with different
 biases are SAK's premise in miniature. `ensure_toyrooms` / `ensure_specialists` build the data and the teachers once
@@ -64,7 +64,7 @@ def train_specialist(
     steps: int = 600,
     batch_size: int = 16,
     width: int = 96,
-    depth: int = 6,
+    depth: int = 4,
     patch: int = 8,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -164,8 +164,9 @@ def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CAC
                        size: tuple[int, int] = (96, 128), **kwargs) -> dict[str, Path]:  # fmt: skip
     """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder and settings)."""
     folders = {}
+    shape = "-".join(f"{k}{kwargs[k]}" for k in sorted(kwargs))
     for kind in SPECIALISTS:
-        folder = Path(cache_dir) / f"specialist-{kind}-{Path(data_dir).name}-{steps}"
+        folder = Path(cache_dir) / f"specialist-{kind}-{Path(data_dir).name}-{steps}{'-' + shape if shape else ''}"
         if not (folder / "metrics.json").exists():
             train_specialist(kind, str(data_dir), folder, size=size, steps=steps, **kwargs)
         folders[kind] = folder
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="images per step")
     parser.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="ToyRooms image size")
     parser.add_argument("--width", type=int, default=96, help="teacher width")
-    parser.add_argument("--depth", type=int, default=6, help="teacher layers")
+    parser.add_argument(
+        "--depth", type=int, default=4, help="teacher layers (a multiple of 4: levels by the depth rule)"
+    )
     parser.add_argument("--patch", type=int, default=8, help="teacher patch size")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)

@@ -147,6 +147,12 @@ class SAKTeacher(nn.Module):
         native = self.image_size if isinstance(self.image_size, list | tuple) else (self.image_size,) * 2
         # transformers interpolates position embeddings assuming a square grid: ask only when the size differs.
         kwargs = self._forward_kwargs if tuple(inputs.shape[-2:]) != tuple(native) else {}
+        if kwargs and native[0] != native[1] and self.family in ("vit", "clip", "siglip"):
+            raise ValueError(
+                f"teacher '{self.name}': transformers interpolates this model's position embeddings only from a square "
+                f"grid, but it was saved with image_size {list(native)}; feed {list(native)} inputs or save the "
+                "teacher with a square image_size"
+            )
         outputs = self.model(pixel_values=inputs, output_hidden_states=True, **kwargs)
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:

@@ -22,7 +22,7 @@ from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers.utils import logging
 
-from .schema import IGNORE_INDEX, TASK_COLUMNS, check_example, decode_example
+from .schema import IGNORE_INDEX, TASK_COLUMNS, _open, check_example, decode_example
 from .transforms import collate_multitask
 
 
@@ -93,6 +93,7 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         train: skip bad rows (counted) instead of raising.
         rank, world_size: this process's part of the data.
         column_mapping: a `COLUMN_MAPPINGS` entry for other layouts; by default looked up by dataset name.
+        shuffle_seed: reshuffle a map-style dataset every epoch with this seed + epoch (streams use `set_epoch`).
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         world_size: int = 1,
         column_mapping: Callable[[dict], dict] | None = None,
         dataset_name: str | None = None,
+        shuffle_seed: int | None = None,
     ):
         super().__init__()
         if world_size > 1:
@@ -112,13 +114,21 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         dataset = undecoded_images(dataset)
         self.dataset, self.transform, self.tasks, self.train = dataset, transform, list(tasks), train
         self.column_mapping = column_mapping or COLUMN_MAPPINGS.get(dataset_name or "")
-        self.epoch = 0
+        self.shuffle_seed, self.epoch = shuffle_seed, 0
+        self._epoch_dataset = self._shuffled(0)
+
+    def _shuffled(self, epoch: int):
+        """A map-style dataset is reshuffled every epoch (seed + epoch); a stream shuffles itself with set_epoch."""
+        if self.shuffle_seed is None or isinstance(self.dataset, IterableDataset):
+            return self.dataset
+        return self.dataset.shuffle(seed=self.shuffle_seed + epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the stream and redraw augmentations for `epoch`."""
         self.epoch = epoch
-        if hasattr(self.dataset, "set_epoch"):
+        if isinstance(self.dataset, IterableDataset):
             self.dataset.set_epoch(epoch)
+        self._epoch_dataset = self._shuffled(epoch)
         if hasattr(self.transform, "set_epoch"):
             self.transform.set_epoch(epoch)
 
@@ -130,7 +140,7 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         return self.transform(example)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for position, row in enumerate(self.dataset):
+        for position, row in enumerate(self._epoch_dataset):
             try:
                 yield self._prepare(row, position)
             except Exception as error:  # undecodable image, label of the wrong size, ...
@@ -146,6 +156,38 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         batch = collate_multitask(good, self.tasks) if good else {"pixel_values": None, "labels": None, "ids": []}
         batch["skipped"] = [e["skipped"] for e in examples if "skipped" in e]
         return batch
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """Images only (stage-1 distillation on any Hub image dataset): `{"pixel_values"}` per row, bad rows skipped.
+
+    `make_transform(epoch)` returns the per-example transform of an epoch (e.g. `partial(stage1_transform, True,
+    384, seed)`), so that augmentation is redrawn every epoch.
+    """
+
+    def __init__(self, dataset, make_transform: Callable[[int], Callable], rank: int = 0, world_size: int = 1,
+                 shuffle_seed: int | None = None):  # fmt: skip
+        super().__init__()
+        if world_size > 1:
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.dataset, self.make_transform, self.shuffle_seed, self.epoch = dataset, make_transform, shuffle_seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if isinstance(self.dataset, IterableDataset):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        dataset = self.dataset
+        if self.shuffle_seed is not None and not isinstance(dataset, IterableDataset):
+            dataset = dataset.shuffle(seed=self.shuffle_seed + self.epoch)
+        transform = self.make_transform(self.epoch)
+        for position, row in enumerate(dataset):
+            try:
+                image = _open(row["image"]).convert("RGB")
+                yield transform({"image": image, "id": str(row.get("id", position))})
+            except Exception as error:
+                logger.warning(f"skipping image row {row.get('id', position)!r}: {error}")
 
 
 def task_columns(dataset) -> list[str]:

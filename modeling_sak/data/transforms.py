@@ -233,7 +233,7 @@ def collate_multitask(examples: list[dict], tasks: Sequence[str]) -> dict[str, A
     return batch
 
 
-def stage1_transform(train: bool, size: int = 384, seed: int = 0, epoch: int = 0):
+def stage1_transform(train: bool, size: int = 384, seed: int = 0, epoch: int = 0):  # noqa: C901
     """Stage-1 (ImageNet) transform: train = random resized crop (scale 0.08-1, ratio 3/4-4/3) + flip; eval = resize
     the shorter side to size / 0.875 and centre crop; both normalised with ImageNet statistics."""
 

@@ -1,0 +1,70 @@
+"""Render SAK model pages from `hub_cards/` with `huggingface_hub.ModelCard`, with a validated `model-index`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "hub_cards"
+METRIC_NAMES = {("semseg", "mIoU"): "mIoU", ("depth", "rmse"): "RMSE", ("normals", "mean"): "mean angular error",
+                ("edge", "odsF_tol"): "boundary F (tolerance)", ("human_parts", "mIoU"): "mIoU"}  # fmt: skip
+TASK_TYPES = {"semseg": "image-segmentation", "human_parts": "image-segmentation", "depth": "depth-estimation",
+              "normals": "depth-estimation", "edge": "image-segmentation"}  # fmt: skip
+
+
+def results_table(results: dict[str, dict[str, float]], source: str = "measured with this package") -> str:
+    rows = [f"| {task} | {metric} | {value:.4g} | {source} |" for task, values in results.items()
+            for metric, value in values.items()]  # fmt: skip
+    return "| task | metric | value | source |\n| --- | --- | ---: | --- |\n" + "\n".join(rows)
+
+
+def render_model_card(
+    config,
+    repo_id: str,
+    results: dict[str, dict[str, float]],
+    recipe: dict[str, Any],
+    dataset_name: str,
+    router_picture: str | None = None,
+    limitations: str = "Trained on the data named above only; check the evaluation before use on other domains.",
+) -> ModelCard:
+    """A model card for a SAK checkpoint: usage, model, recipe, results (also as model-index), limitations."""
+    eval_results = [
+        EvalResult(task_type=TASK_TYPES.get(task, "image-segmentation"), dataset_type=dataset_name,
+                   dataset_name=dataset_name, metric_type=METRIC_NAMES[(task, metric)].lower().replace(" ", "_"),
+                   metric_name=METRIC_NAMES[(task, metric)], metric_value=round(float(value), 4))
+        for task, values in results.items() for metric, value in values.items() if (task, metric) in METRIC_NAMES
+    ]  # fmt: skip
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        tags=["sak", "multi-task", "depth-estimation", "surface-normals", "knowledge-distillation"],
+        datasets=[dataset_name],
+        license="apache-2.0",
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    stem = config.stem_config
+    card = ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATES / "sak_model_card.md"),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        tasks=list(config.tasks),
+        task_channels=", ".join(f"{t} ({c})" for t, c in config.tasks.items()),
+        stem=f"{stem.model_type}, width {stem.hidden_size}, {stem.num_hidden_layers} blocks, patch {stem.patch_size}",
+        teachers=", ".join(
+            f"{n} ({s.get('model_id') or 'width ' + str(s['hidden_size'])})" for n, s in config.teachers.items()
+        )
+        or "none (multi-task baseline)",  # fmt: skip
+        image_size=f"{config.image_size[0]} x {config.image_size[1]}",
+        parameters=recipe.get("parameters", "-"),
+        recipe_yaml=yaml.safe_dump({k: v for k, v in recipe.items() if k != "parameters"}, sort_keys=False).strip(),
+        results_table=results_table(results),
+        router_picture=router_picture,
+        limitations=limitations,
+    )
+    return card

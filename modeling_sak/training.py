@@ -1,0 +1,306 @@
+"""What `train_accelerate.py` needs beside the loop: recipes, model building, optimizer groups, schedules, atomic
+checkpoints, the NaN guard, evaluation with process-summed metrics, and Delta_m."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers.utils import logging
+
+from .configuration_sak import SAKConfig
+from .evaluation.metrics import BoundaryMetric, DepthMetric, NormalsMetric, SemsegMetric
+from .modeling_sak import SAKForMultiTask, resize_position_embeddings
+
+
+logger = logging.get_logger(__name__)
+
+# The offline default: ToyRooms with its two specialist teachers; every value can be overridden from a recipe or flag.
+DEFAULT_RECIPE: dict[str, Any] = {
+    "stage": 2,
+    "dataset": "toyrooms",
+    "train_split": "train",
+    "train_limit": 200,
+    "eval_split": "test",
+    "streaming": False,
+    "image_size": [96, 128],
+    "tasks": {"semseg": 7, "normals": 3, "edge": 1, "depth": 1},
+    "task_loss_weights": {"semseg": 1.0, "normals": 10.0, "edge": 50.0, "depth": 1.0},
+    "stem": {"model_type": "vit", "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3,
+             "intermediate_size": 384, "patch_size": 8, "layer_norm_eps": 1e-6},
+    "stem_model": None,
+    "teachers": "toyrooms_specialists",
+    "teacher_dtype": "float32",
+    "down_ratio": 4,
+    "router_type": "mor",
+    "noisy_gating": True,
+    "distill_alpha": 1.0,
+    "distill_loss_type": "cos+l1",
+    "photometric": False,
+    "scale_range": [0.75, 1.25],
+    "toyrooms": {"num_train": 2000, "num_test": 200, "seed": 0, "teacher_steps": 400},
+    "max_steps": 300,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.01,
+    "lr_scheduler": "cosine",
+    "warmup_steps": 20,
+    "poly_power": 0.9,
+    "max_grad_norm": 10.0,
+    "mixed_precision": "no",
+    "eval_steps": 0,
+    "checkpointing_steps": 100,
+    "checkpoints_total_limit": 2,
+    "logging_steps": 10,
+    "num_workers": 0,
+    "shuffle_buffer": 256,
+    "seed": 0,
+    "baseline": True,
+    "freeze_stem": False,
+    "train_only_routers": False,
+    "lora": None,
+    "init_from": None,
+    "verify_replicas": False,
+    "report_to": None,
+    "output_dir": "outputs/sak-toyrooms",
+}  # fmt: skip
+# What a YAML recipe starts from: the same keys, without the default run's ToyRooms-only choices.
+RECIPE_BASE: dict[str, Any] = DEFAULT_RECIPE | {"train_limit": None, "baseline": False}
+LOWER_IS_BETTER = {"depth": True, "normals": True}
+MAIN_METRIC = {"semseg": "mIoU", "human_parts": "mIoU", "depth": "rmse", "normals": "mean", "edge": "odsF_tol"}
+
+
+def load_recipe(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """DEFAULT_RECIPE (or RECIPE_BASE under a YAML recipe) <- YAML recipe <- command-line overrides (None means
+    "not given"); unknown keys are errors."""
+    recipe = copy.deepcopy(RECIPE_BASE if path else DEFAULT_RECIPE)
+    layers = []
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist; see configs/ for the shipped recipes")
+        layers.append((path, yaml.safe_load(Path(path).read_text()) or {}))
+    layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+    for source, layer in layers:
+        unknown = sorted(set(layer) - set(recipe))
+        if unknown:
+            raise ValueError(f"{source}: unknown recipe keys {unknown}; valid keys are {sorted(recipe)}")
+        recipe.update(layer)
+    if recipe["stage"] not in (1, 2):
+        raise ValueError(f"stage={recipe['stage']!r} must be 1 (distillation) or 2 (multi-task)")
+    return recipe
+
+
+def build_config(recipe: dict[str, Any], teachers: dict[str, dict[str, Any]]) -> SAKConfig:
+    """The student's `SAKConfig` from a recipe and resolved teacher specs (`{name: {hidden_size, model_id}}`)."""
+    stem = recipe["stem"]
+    if recipe.get("stem_model"):
+        from transformers import AutoConfig
+
+        stem = AutoConfig.from_pretrained(recipe["stem_model"]).to_dict()
+    width = stem["hidden_size"]
+    return SAKConfig(
+        stem_config=stem,
+        image_size=recipe["image_size"],
+        teachers=teachers,
+        use_aligners=any(spec["hidden_size"] != width for spec in teachers.values()),
+        down_ratio=recipe["down_ratio"],
+        router_type=recipe["router_type"],
+        noisy_gating=recipe["noisy_gating"],
+        tasks={} if recipe["stage"] == 1 else recipe["tasks"],
+        task_loss_weights=None if recipe["stage"] == 1 else recipe.get("task_loss_weights"),
+        distill_alpha=recipe["distill_alpha"],
+        distill_loss_type=recipe["distill_loss_type"],
+    )
+
+
+def build_model(config: SAKConfig, recipe: dict[str, Any]) -> SAKForMultiTask:
+    """A new student (stem from `stem_model` when given), then `init_from` weights and the freezing options."""
+    if recipe.get("stem_model"):
+        model = SAKForMultiTask.from_stem_pretrained(recipe["stem_model"], config=config)
+    else:
+        model = SAKForMultiTask(config)
+    if recipe.get("init_from"):
+        report = load_matching_weights(model, recipe["init_from"])
+        logger.warning(
+            f"init_from {recipe['init_from']}: loaded {report['loaded']} tensors ({report['resized']} position "
+            f"embeddings resized); newly initialised: {report['new'][:10]}{' ...' if len(report['new']) > 10 else ''}"
+        )
+    if recipe.get("lora"):
+        model = apply_lora(model, recipe["lora"])
+    if recipe.get("freeze_stem"):
+        model.stem.requires_grad_(False)
+    if recipe.get("train_only_routers"):
+        if model.routers is None:
+            raise ValueError("train_only_routers needs router_type 'mor' and teachers")
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith("routers.")
+    return model
+
+
+def load_matching_weights(model: SAKForMultiTask, path_or_repo: str) -> dict[str, Any]:
+    """Copy every tensor of a SAK checkpoint whose name and shape match (position embeddings resized)."""
+    source = SAKForMultiTask.from_pretrained(path_or_repo).state_dict()
+    target = model.state_dict()
+    loaded, resized, new = {}, 0, []
+    for key, value in target.items():
+        if key not in source:
+            new.append(key)
+        elif source[key].shape == value.shape:
+            loaded[key] = source[key]
+        elif key.endswith("position_embeddings"):
+            old_cfg = SAKConfig.from_pretrained(path_or_repo)
+            loaded[key] = resize_position_embeddings(source[key], old_cfg.grid_size, model.config.grid_size)
+            resized += 1
+        else:
+            new.append(key)
+    model.load_state_dict(loaded, strict=False)
+    return {"loaded": len(loaded), "resized": resized, "new": new}
+
+
+def apply_lora(model: SAKForMultiTask, lora: dict[str, Any]) -> SAKForMultiTask:
+    """LoRA on the stem's attention and MLP projections through peft (the `lora` extra)."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as error:
+        raise ImportError("recipe key 'lora' needs peft: pip install 'sak-hf[lora]'") from error
+    config = LoraConfig(target_modules=lora.get("target_modules", ["qkv", "proj", "fc1", "fc2"]),
+                        r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0))  # fmt: skip
+    model.stem = inject_adapter_in_model(config, model.stem)
+    return model
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on norms, biases, adapter scales, tokens and position embeddings."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        exempt = parameter.ndim <= 1 or name.endswith(
+            (".scale", "cls_token", "position_embeddings", "register_tokens")
+        )
+        (no_decay if exempt else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_scheduler(optimizer, kind: str, total_steps: int, warmup_steps: int = 0, power: float = 0.9):
+    """Per-iteration learning-rate schedule: "poly" (1 - t/T)^power, "cosine" with linear warm-up, or "constant"."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "poly":
+            return (1 - progress) ** power
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    if kind not in ("poly", "cosine", "constant"):
+        raise ValueError(f"lr_scheduler={kind!r} is not one of 'poly', 'cosine', 'constant'")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def check_finite(step: int, loss: torch.Tensor, outputs) -> None:
+    """Stop with a message naming the step and every non-finite loss term."""
+    if torch.isfinite(loss).all():
+        return
+    terms = {**(outputs.task_losses or {}), **(outputs.distill_losses or {})}
+    bad = sorted(name for name, value in terms.items() if not torch.isfinite(value).all())
+    raise FloatingPointError(
+        f"step {step}: the loss is {loss.item()} (non-finite terms: {bad or ['total']}); the run stops here and the "
+        "last checkpoint is intact. Lower the learning rate, check the data, or use bf16 instead of fp16"
+    )
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (`checkpoint-<step>`), oldest first."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` only once complete."""
+    output_dir = Path(output_dir)
+    final, partial = output_dir / f"checkpoint-{step}", output_dir / f".partial-checkpoint-{step}"
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / "training_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        for old in checkpoint_dirs(output_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(output_dir: str | Path, value: str) -> Path:
+    """`latest` -> the newest complete checkpoint of `output_dir`; otherwise the given folder."""
+    if value == "latest":
+        found = checkpoint_dirs(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
+        return found[-1]
+    path = Path(value)
+    if not (path / "training_state.json").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no training_state.json)")
+    return path
+
+
+def make_metrics(config: SAKConfig) -> dict[str, Any]:
+    metrics = {}
+    for task, channels in config.tasks.items():
+        if task in ("semseg", "human_parts"):
+            metrics[task] = SemsegMetric(channels, config.semantic_loss_ignore_index)
+        elif task == "depth":
+            metrics[task] = DepthMetric()
+        elif task == "normals":
+            metrics[task] = NormalsMetric(config.semantic_loss_ignore_index)
+        elif task == "edge":
+            metrics[task] = BoundaryMetric()
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, config: SAKConfig) -> dict[str, dict[str, float]]:
+    """Metrics of every task over this process's part of `loader`, summed across processes."""
+    model.eval()
+    metrics = make_metrics(config)
+    for batch in loader:
+        if batch["pixel_values"] is None:
+            continue
+        outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
+        for task, metric in metrics.items():
+            label = batch["labels"].get(task)
+            if label is not None:
+                metric.update(outputs.task_outputs[task].float().cpu(), label)
+    results = {}
+    for task, metric in metrics.items():
+        state = {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in metric.state().items()}
+        metric.load_state(state)
+        results[task] = metric.compute()
+    model.train()
+    return results
+
+
+def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]]) -> float:
+    """Multi-task gain over `baseline` in percent, one main metric per task (lower-is-better tasks negated)."""
+    terms = []
+    for task, metric in MAIN_METRIC.items():
+        if task in results and task in baseline:
+            ours, theirs = results[task][metric], baseline[task][metric]
+            sign = -1.0 if LOWER_IS_BETTER.get(task) else 1.0
+            terms.append(sign * (ours - theirs) / theirs * 100)
+    return sum(terms) / len(terms) if terms else float("nan")
