@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,14 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "hub_cards"
+def _templates() -> Path:
+    """hub_cards/ of the source tree, or where `pip install` put it (setup.cfg data_files)."""
+    for candidate in (Path(__file__).resolve().parents[1] / "hub_cards", Path(sys.prefix) / "hub_cards"):
+        if (candidate / "sak_model_card.md").is_file():
+            return candidate
+    raise FileNotFoundError("hub_cards/sak_model_card.md not found; reinstall sak-hf")
+
+
 METRIC_NAMES = {("semseg", "mIoU"): "mIoU", ("depth", "rmse"): "RMSE", ("normals", "mean"): "mean angular error",
                 ("edge", "odsF_tol"): "boundary F (tolerance)", ("human_parts", "mIoU"): "mIoU"}  # fmt: skip
 TASK_TYPES = {"semseg": "image-segmentation", "human_parts": "image-segmentation", "depth": "depth-estimation",
@@ -50,7 +58,7 @@ def render_model_card(
     stem = config.stem_config
     card = ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATES / "sak_model_card.md"),
+        template_path=str(_templates() / "sak_model_card.md"),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         tasks=list(config.tasks),
@@ -67,4 +75,18 @@ def render_model_card(
         router_picture=router_picture,
         limitations=limitations,
     )
+    validate_model_index(card, len(eval_results))
     return card
+
+
+def validate_model_index(card: ModelCard, expected: int) -> None:
+    """Offline check that the card's YAML parses and its `model-index` holds every result (the Hub's own validation
+    needs a network call)."""
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    metadata = yaml.safe_load(str(card).split("---")[1])
+    if expected == 0:
+        return
+    _, results = model_index_to_eval_results(metadata.get("model-index", []))
+    if len(results) != expected or any(r.metric_value is None for r in results):
+        raise ValueError(f"model card model-index holds {len(results)} valid results, expected {expected}")
