@@ -78,6 +78,8 @@ HELP = {
     "photometric": "photometric distortion in the training augmentation (true/false)",
     "scale_range": "random scale range of the training augmentation, as [low, high]",
     "toyrooms": "ToyRooms settings as YAML/JSON: num_train, num_test, seed, teacher_steps",
+    "stage1_steps": "with stage 2: first distil on all training images (no labels, train_limit ignored) for this many "
+                    "steps, then start stage 2 from that student (SAK's two-stage protocol; 0: off)",
     "max_steps": "optimizer steps", "per_device_train_batch_size": "training batch size per process",
     "per_device_eval_batch_size": "evaluation batch size per process",
     "gradient_accumulation_steps": "batches accumulated per optimizer step", "learning_rate": "peak learning rate",
@@ -150,7 +152,7 @@ def make_loader(recipe, dataset: str, split: str, train: bool, tasks: list[str],
     if train and recipe["train_limit"]:
         limit = recipe["train_limit"]
         data = data.take(limit) if recipe["streaming"] else data.select(range(min(limit, len(data))))
-    if recipe["stage"] == 1:  # images only: any Hub image dataset, e.g. ImageNet-1k
+    if recipe["stage"] == 1 and not task_columns(data):  # images only: any Hub image dataset, e.g. ImageNet-1k
         images = ImageStream(data, partial(stage1_transform, train, recipe["image_size"][0], seed),
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              shuffle_seed=seed if train and not recipe["streaming"] else None)  # fmt: skip
@@ -319,6 +321,15 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers("sak", config={k: str(v) for k, v in recipe.items()})
 
     teachers, dataset = resolve_teachers(recipe, args.cache_dir, accelerator)
+    if recipe["stage"] == 2 and recipe["stage1_steps"] and teachers:
+        # Stage 1 (distillation on every training image, labels unused), then stage 2 starts from its student.
+        stage1 = recipe | {"stage": 1, "max_steps": recipe["stage1_steps"], "train_limit": None, "eval_split": "",
+                           "output_dir": str(output_dir / "stage1")}  # fmt: skip
+        first = train(stage1, teachers, dataset, output_dir / "stage1", accelerator, label="stage 1")
+        if accelerator.is_main_process:
+            first["model"].save_pretrained(output_dir / "stage1" / "final", include_aligners=True)
+        accelerator.wait_for_everyone()
+        recipe = recipe | {"init_from": str(output_dir / "stage1" / "final")}
     run = train(recipe, teachers, dataset, output_dir, accelerator, args.resume_from_checkpoint, args.stop_after_steps)
     runs = {"SAK": run}
     if recipe["baseline"] and teachers and recipe["stage"] == 2 and run["results"]:

@@ -160,15 +160,20 @@ def ensure_toyrooms(cache_dir: str | Path = DEFAULT_CACHE, num_train: int = 2000
     return folder
 
 
-def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE, steps: int = 600,
+def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE, steps: int | dict[str, int] = 600,
                        size: tuple[int, int] = (96, 128), **kwargs) -> dict[str, Path]:  # fmt: skip
-    """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder and settings)."""
+    """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder and settings).
+
+    `steps` is one number or one per teacher (`{"geometry": 1000, "semantics": 300}`: depth is harder to learn)."""
     folders = {}
     shape = "-".join(f"{k}{kwargs[k]}" for k in sorted(kwargs))
     for kind in SPECIALISTS:
-        folder = Path(cache_dir) / f"specialist-{kind}-{Path(data_dir).name}-{steps}{'-' + shape if shape else ''}"
+        kind_steps = steps[kind] if isinstance(steps, dict) else steps
+        folder = (
+            Path(cache_dir) / f"specialist-{kind}-{Path(data_dir).name}-{kind_steps}{'-' + shape if shape else ''}"
+        )
         if not (folder / "metrics.json").exists():
-            train_specialist(kind, str(data_dir), folder, size=size, steps=steps, **kwargs)
+            train_specialist(kind, str(data_dir), folder, size=size, steps=kind_steps, **kwargs)
         folders[kind] = folder
     return folders
 

@@ -45,7 +45,8 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "distill_loss_type": "cos+l1",
     "photometric": False,
     "scale_range": [0.75, 1.25],
-    "toyrooms": {"num_train": 2000, "num_test": 200, "seed": 0, "teacher_steps": 400},
+    "toyrooms": {"num_train": 2000, "num_test": 200, "seed": 0, "teacher_steps": {"geometry": 800, "semantics": 500}},
+    "stage1_steps": 200,
     "max_steps": 300,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
@@ -74,7 +75,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "output_dir": "outputs/sak-toyrooms",
 }  # fmt: skip
 # What a YAML recipe starts from: the same keys, without the default run's ToyRooms-only choices.
-RECIPE_BASE: dict[str, Any] = DEFAULT_RECIPE | {"train_limit": None, "baseline": False}
+RECIPE_BASE: dict[str, Any] = DEFAULT_RECIPE | {"train_limit": None, "baseline": False, "stage1_steps": 0}
 LOWER_IS_BETTER = {"depth": True, "normals": True}
 MAIN_METRIC = {"semseg": "mIoU", "human_parts": "mIoU", "depth": "rmse", "normals": "mean", "edge": "odsF_tol"}
 

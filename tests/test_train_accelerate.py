@@ -49,7 +49,7 @@ def tiny_args(assets, output_dir, *extra) -> list[str]:
     return ["--dataset", assets["data"], "--teachers", assets["teachers"], "--image_size", "[32, 48]",
             "--stem", STEM, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "6",
             "--baseline", "false", "--warmup_steps", "0", "--learning_rate", "1e-3", "--output_dir", str(output_dir),
-            "--cache_dir", str(output_dir / "cache"), *extra]  # fmt: skip
+            "--cache_dir", str(output_dir / "cache"), "--stage1_steps", "0", *extra]  # fmt: skip
 
 
 @pytest.mark.slow
