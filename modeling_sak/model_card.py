@@ -24,6 +24,29 @@ TASK_TYPES = {"semseg": "image-segmentation", "human_parts": "image-segmentation
               "normals": "depth-estimation", "edge": "image-segmentation"}  # fmt: skip
 
 
+# DESIGN section 3: the paper's numbers for the released configurations, shown beside measured ones.
+REPORTED = {
+    ("nyud_v2", 768): {"semseg mIoU": 59.93, "depth RMSE": 0.4942, "normals mean error": 17.60, "boundary odsF": 78.60,
+                       "Delta_m vs single-task": 11.11},
+    ("nyud_v2", 1024): {"semseg mIoU": 63.18, "depth RMSE": 0.4313, "normals mean error": 16.25, "boundary odsF": 79.43,
+                        "Delta_m vs single-task": 14.05},
+    ("pascal_context", 1024): {"semseg mIoU": 84.01, "human_parts mIoU": 76.99, "saliency maxF": 84.65,
+                               "normals mean error": 13.82, "boundary odsF": 76.27, "Delta_m vs single-task": 2.30},
+}  # fmt: skip
+
+
+def reported_table(config) -> str:
+    """The authors' numbers for this configuration (NYUD-v2 ViT-B/L, PASCAL-Context ViT-L), or an empty string."""
+    from .configuration_sak import TASK_PRESETS
+
+    preset = next((name for name, p in TASK_PRESETS.items() if p["tasks"] == dict(config.tasks)), None)
+    numbers = REPORTED.get((preset, config.hidden_size))
+    if not numbers:
+        return ""
+    rows = "\n".join(f"| {name} | {value} | reported by the authors (ICLR 2025) |" for name, value in numbers.items())
+    return "| metric | value | source |\n| --- | ---: | --- |\n" + rows
+
+
 def results_table(results: dict[str, dict[str, float]], source: str = "measured with this package") -> str:
     rows = [f"| {task} | {metric} | {value:.4g} | {source} |" for task, values in results.items()
             for metric, value in values.items()]  # fmt: skip
@@ -71,7 +94,8 @@ def render_model_card(
         image_size=f"{config.image_size[0]} x {config.image_size[1]}",
         parameters=recipe.get("parameters", "-"),
         recipe_yaml=yaml.safe_dump({k: v for k, v in recipe.items() if k != "parameters"}, sort_keys=False).strip(),
-        results_table=results_table(results),
+        results_table=results_table(results) if results else "No evaluation was run for this checkpoint.",
+        reported_table=reported_table(config),
         router_picture=router_picture,
         limitations=limitations,
     )

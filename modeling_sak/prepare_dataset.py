@@ -67,9 +67,11 @@ def write_split(
 
 
 def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], columns: list[str], description: str,
-               citation: str | None = None, license: str = "other") -> None:  # fmt: skip
-    """README.md with YAML metadata (features, splits, data files) in the Hub dataset-card format."""
+               citation: str | None = None, license: str = "other", repo_id: str | None = None) -> None:  # fmt: skip
+    """README.md from hub_cards/dataset_card.md, with YAML metadata (features, splits, data files)."""
     from huggingface_hub import DatasetCard, DatasetCardData
+
+    from .model_card import _templates
 
     features = features_for(columns)
     data = DatasetCardData(
@@ -100,36 +102,19 @@ def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], colum
             ("normals", "8-bit RGB, n = 2 v / 255 - 1 (camera frame)"),
             ("edge", "8-bit, 255 = boundary"),
         ]
-        if c == "id" or c == "image" or c in columns
+        if c in ("id", "image") or c in columns
     )
-    content = f"""---
-{data.to_yaml()}
----
-
-# {pretty_name}
-
-{description}
-
-## Columns
-
-| column | content |
-| --- | --- |
-{columns_table}
-
-## Splits
-
-{", ".join(f"{split}: {n} images" for split, n in counts.items())}
-
-## Use
-
-```python
-from datasets import load_dataset
-stream = load_dataset("{output_dir.name}", split="train", streaming=True)
-```
-
-Written by `python -m modeling_sak.prepare_dataset` (SAK-HF).
-""" + (f"\n## Citation\n\n```bibtex\n{citation}\n```\n" if citation else "")
-    DatasetCard(content).save(output_dir / "README.md")
+    card = DatasetCard.from_template(
+        data,
+        template_path=str(_templates() / "dataset_card.md"),
+        pretty_name=pretty_name,
+        description=description,
+        columns_table=columns_table,
+        splits=", ".join(f"{split}: {n} images" for split, n in counts.items()),
+        repo_id=repo_id or output_dir.name,
+        citation=citation,
+    )
+    card.save(output_dir / "README.md")
 
 
 def _read_ids(path: Path) -> list[str]:
