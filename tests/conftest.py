@@ -58,6 +58,20 @@ def nyud_labels(batch: int, height: int, width: int, seed: int = 0) -> dict[str,
 
 
 @pytest.fixture
+def tiny_vit_stems(monkeypatch):
+    """Let the converter build tiny ViT-S/B shapes for `vit_small` / `vit_base` (see test_convert_original_sak)."""
+    from test_convert_original_sak import SHAPES
+
+    from modeling_sak import convert_original_sak
+
+    stems = {f"vit_{name}": {"hidden_size": d["dim"], "num_hidden_layers": d["depth"], "num_attention_heads": d["heads"],
+                             "intermediate_size": d["hidden"]} for name, d in SHAPES.items()}  # fmt: skip
+    monkeypatch.setattr(convert_original_sak, "REFERENCE_STEMS", stems)
+    # Tiny teachers: widths come from the aligners in the checkpoint, or equal the stem's without them.
+    monkeypatch.setattr(convert_original_sak, "REFERENCE_TEACHERS", {})
+
+
+@pytest.fixture
 def config() -> SAKConfig:
     return tiny_config()
 

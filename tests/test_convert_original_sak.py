@@ -63,18 +63,6 @@ def convert_args(tmp_path, *extra):
             "--output_dir", str(tmp_path / "converted"), "--image_size", *map(str, IMAGE_SIZE), *extra]  # fmt: skip
 
 
-@pytest.fixture
-def tiny_vit_stems(monkeypatch):
-    """Let the converter build the tiny ViT-S/B shapes above for `vit_small` / `vit_base`."""
-    from modeling_sak import convert_original_sak
-
-    stems = {f"vit_{name}": {"hidden_size": d["dim"], "num_hidden_layers": d["depth"], "num_attention_heads": d["heads"],
-                             "intermediate_size": d["hidden"]} for name, d in SHAPES.items()}  # fmt: skip
-    monkeypatch.setattr(convert_original_sak, "REFERENCE_STEMS", stems)
-    # Tiny teachers: widths come from the aligners in the checkpoint, or equal the stem's without them.
-    monkeypatch.setattr(convert_original_sak, "REFERENCE_TEACHERS", {})
-
-
 @pytest.mark.parametrize("shape", ["small", "base"])
 @pytest.mark.parametrize("aligner", [False, True])
 def test_stage2_checkpoint_converts_to_equal_outputs(tmp_path, tiny_vit_stems, shape, aligner):

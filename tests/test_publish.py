@@ -68,3 +68,20 @@ def test_broken_folders_are_refused_with_the_reason(tmp_path, monkeypatch):
     (tmp_path / "no_card").mkdir()
     with pytest.raises(ValueError, match="missing config.json; missing model.safetensors"):
         check_folder(tmp_path / "no_card")
+
+
+def test_card_for_a_converted_reference_checkpoint(tmp_path, tiny_vit_stems):
+    from test_convert_original_sak import convert_args, write_reference_run
+
+    from modeling_sak import SAKConfig
+    from modeling_sak.convert_original_sak import main as convert
+
+    write_reference_run(tmp_path, "base", True, stage=2)
+    convert(convert_args(tmp_path))
+    config = SAKConfig.from_pretrained(tmp_path / "converted")
+    card = str(
+        render_model_card(config, "org/sak-converted", {"depth": {"rmse": 0.5}}, {"source": "converted"}, "nyud-v2")
+    )
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
+    assert "dinov2 (" in card and "reported by the authors" not in card  # a tiny stem is not a released configuration
