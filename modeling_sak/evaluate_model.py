@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--streaming", action="store_true", help="stream the split instead of reading it whole")
     parser.add_argument("--output_dir", default="outputs/evaluation", help="where metrics.json and pictures go")
     parser.add_argument("--save_predictions", type=int, default=0, metavar="N", help="draw the first N images")
+    parser.add_argument("--write_card", metavar="REPO_ID", help="also write MODEL/README.md: a model card for REPO_ID "
+                        "with these measurements (and the paper's numbers for released configurations)")  # fmt: skip
     args = parser.parse_args(argv)
 
     accelerator = Accelerator()
@@ -63,6 +65,14 @@ def main(argv: list[str] | None = None) -> dict:
             prediction_grid(batch["pixel_values"], batch["labels"], {k: v.cpu() for k, v in outputs.task_outputs.items()},
                             output_dir / "predictions.png", config.tasks.get("semseg", 40), rows=args.save_predictions)  # fmt: skip
         print(f"wrote {output_dir / 'metrics.json'}")
+        if args.write_card:
+            from .model_card import render_model_card
+
+            recipe = {"evaluated_on": f"{args.dataset} ({args.split})"}
+            render_model_card(config, args.write_card, results, recipe, args.dataset).save(
+                Path(args.model) / "README.md"
+            )
+            print(f"wrote {Path(args.model) / 'README.md'}")
     return results
 
 

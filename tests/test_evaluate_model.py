@@ -17,7 +17,9 @@ def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch)
     config = tiny_config(tasks={"semseg": 7, "normals": 3, "edge": 1, "depth": 1})
     SAKForMultiTask(config).eval().save_pretrained(tmp_path / "model")
     results = main(["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "toy"), "--batch_size", "2",
-                    "--output_dir", str(tmp_path / "eval"), "--save_predictions", "3"])  # fmt: skip
+                    "--output_dir", str(tmp_path / "eval"), "--save_predictions", "3", "--write_card", "org/tiny"])  # fmt: skip
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "org/tiny" in card and "model-index" in card and "measured with this package" in card
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == results and set(results) == {"semseg", "normals", "edge", "depth"}
     assert 0 <= results["semseg"]["mIoU"] <= 100 and results["depth"]["rmse"] > 0
