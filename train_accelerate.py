@@ -112,6 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="cache of ToyRooms data and teachers")
     parser.add_argument("--push_to_hub", action="store_true", help="upload the final model to --hub_model_id")
     parser.add_argument("--hub_model_id", help="ORG/NAME of the Hub repo for --push_to_hub")
+    parser.add_argument("--num_threads", type=int, help="CPU threads per process (default without a GPU: physical "
+                        "cores / local processes; `accelerate launch` without --cpu would otherwise leave 1)")  # fmt: skip
     parser.add_argument("--stop_after_steps", type=int, help=argparse.SUPPRESS)  # tests: an abrupt stop (preemption)
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
@@ -306,6 +308,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     recipe = load_recipe(args.config, {k: getattr(args, k) for k in DEFAULT_RECIPE})
     output_dir = Path(recipe["output_dir"])
+    if args.num_threads or not torch.cuda.is_available():
+        import psutil
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(args.num_threads or max(1, (psutil.cpu_count(logical=False) or 1) // local))
     accelerator = Accelerator(
         # Several processes without a GPU (torchrun, or accelerate launch --cpu): gloo on the CPU.
         cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
@@ -321,6 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.init_trackers("sak", config={k: str(v) for k, v in recipe.items()})
 
     teachers, dataset = resolve_teachers(recipe, args.cache_dir, accelerator)
+    baseline_recipe = recipe | {"teachers": "none"}  # before stage 1: the baseline never sees a teacher
     if recipe["stage"] == 2 and recipe["stage1_steps"] and teachers:
         # Stage 1 (distillation on every training image, labels unused), then stage 2 starts from its student.
         stage1 = recipe | {"stage": 1, "max_steps": recipe["stage1_steps"], "train_limit": None, "eval_split": "",
@@ -333,7 +341,6 @@ def main(argv: list[str] | None = None) -> None:
     run = train(recipe, teachers, dataset, output_dir, accelerator, args.resume_from_checkpoint, args.stop_after_steps)
     runs = {"SAK": run}
     if recipe["baseline"] and teachers and recipe["stage"] == 2 and run["results"]:
-        baseline_recipe = recipe | {"teachers": "none"}
         baseline_dir = output_dir / "baseline"
         key = hashlib.sha256(yaml.safe_dump(baseline_recipe | {"output_dir": ""}).encode()).hexdigest()[:16]
         cache = Path(args.cache_dir) / f"baseline-{key}.json"
