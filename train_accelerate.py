@@ -154,13 +154,14 @@ def make_loader(recipe, dataset: str, split: str, train: bool, tasks: list[str],
     if train and recipe["train_limit"]:
         limit = recipe["train_limit"]
         data = data.take(limit) if recipe["streaming"] else data.select(range(min(limit, len(data))))
-    if recipe["stage"] == 1 and not task_columns(data):  # images only: any Hub image dataset, e.g. ImageNet-1k
+    columns = task_columns(data)  # may read a row of a stream: once
+    if recipe["stage"] == 1 and not columns:  # images only: any Hub image dataset, e.g. ImageNet-1k
         images = ImageStream(data, partial(stage1_transform, train, recipe["image_size"][0], seed),
                              rank=accelerator.process_index, world_size=accelerator.num_processes,
                              shuffle_seed=seed if train and not recipe["streaming"] else None)  # fmt: skip
         return torch.utils.data.DataLoader(images, batch_size=recipe["per_device_train_batch_size"],
                                            num_workers=recipe["num_workers"], generator=loader_generator(seed))  # fmt: skip
-    missing = [t for t in tasks if t not in task_columns(data)] if dataset not in COLUMN_MAPPINGS else []
+    missing = [t for t in tasks if t not in columns] if dataset not in COLUMN_MAPPINGS else []
     if missing:
         raise ValueError(
             f"dataset {dataset!r} ({split}) has no column for the tasks {missing}; remove them from `tasks` or "

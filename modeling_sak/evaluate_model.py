@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
             for metric, value in values.items():
                 print(f"{task:<12}{metric:<16}{value:>10.4f}")
         if args.save_predictions:
-            batch = stream.collate(list(_first(stream, args.save_predictions)))
+            batch = stream.collate(list(islice(stream, args.save_predictions)))
             with torch.no_grad():
                 outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
             prediction_grid(batch["pixel_values"], batch["labels"], {k: v.cpu() for k, v in outputs.task_outputs.items()},
@@ -74,13 +75,6 @@ def main(argv: list[str] | None = None) -> dict:
             )
             print(f"wrote {Path(args.model) / 'README.md'}")
     return results
-
-
-def _first(stream, count: int):
-    for index, example in enumerate(stream):
-        if index == count:
-            return
-        yield example
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 
-def _templates() -> Path:
+def hub_cards_dir() -> Path:
     """hub_cards/ of the source tree, or where `pip install` put it (setup.cfg data_files)."""
     for candidate in (Path(__file__).resolve().parents[1] / "hub_cards", Path(sys.prefix) / "hub_cards"):
         if (candidate / "sak_model_card.md").is_file():
@@ -81,7 +81,7 @@ def render_model_card(
     stem = config.stem_config
     card = ModelCard.from_template(
         card_data,
-        template_path=str(_templates() / "sak_model_card.md"),
+        template_path=str(hub_cards_dir() / "sak_model_card.md"),
         model_name=repo_id.split("/")[-1],
         repo_id=repo_id,
         tasks=list(config.tasks),

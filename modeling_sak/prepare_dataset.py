@@ -71,7 +71,7 @@ def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], colum
     """README.md from hub_cards/dataset_card.md, with YAML metadata (features, splits, data files)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from .model_card import _templates
+    from .model_card import hub_cards_dir
 
     features = features_for(columns)
     data = DatasetCardData(
@@ -106,7 +106,7 @@ def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], colum
     )
     card = DatasetCard.from_template(
         data,
-        template_path=str(_templates() / "dataset_card.md"),
+        template_path=str(hub_cards_dir() / "dataset_card.md"),
         pretty_name=pretty_name,
         description=description,
         columns_table=columns_table,

@@ -23,12 +23,12 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.utils import logging
 
 from .configuration_sak import SAKConfig, default_out_indices
+from .image_processing_sak import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from .image_processing_sak import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 
 logger = logging.get_logger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # Families with a dedicated vision tower: model types of full and vision-only configs -> family.
 FAMILIES = {
     "dinov2": "dinov2",

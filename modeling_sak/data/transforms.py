@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .schema import IGNORE_INDEX
 
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(IMAGENET_DEFAULT_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(IMAGENET_DEFAULT_STD, dtype=np.float32)
 LABEL_KEYS = ("semseg", "human_parts", "sal", "edge", "normals", "depth")
 # Padding value of each key (DESIGN: image 0 after normalisation, labels 255, normals 0, depth 0).
 PAD_VALUES = {"pixel_values": 0.0, "semseg": IGNORE_INDEX, "human_parts": IGNORE_INDEX, "sal": IGNORE_INDEX,

@@ -7,9 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406])
-IMAGENET_STD = np.array([0.229, 0.224, 0.225])
+from ..image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
 def _palette(num_classes: int) -> np.ndarray:
@@ -60,7 +58,9 @@ def colorize(task: str, value: torch.Tensor, num_classes: int = 40, depth_range:
 
 
 def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
-    image = pixel_values.detach().float().cpu().permute(1, 2, 0).numpy() * IMAGENET_STD + IMAGENET_MEAN
+    image = pixel_values.detach().float().cpu().permute(1, 2, 0).numpy() * np.array(IMAGENET_DEFAULT_STD) + np.array(
+        IMAGENET_DEFAULT_MEAN
+    )
     return (image.clip(0, 1) * 255).astype(np.uint8)
 
 
