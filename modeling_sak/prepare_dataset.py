@@ -2,6 +2,9 @@
 
     # The reference NYUD-v2 folder (images/, segmentation/, normals/, edge/, depth/, gt_sets/{train,val}.txt):
     python -m modeling_sak.prepare_dataset nyud --source NYUDv2 --output_dir nyud-v2-multitask [--push_to_hub ORG/NAME]
+    # The reference PASCAL-Context folder (JPEGImages/, semseg/, human_parts/, normals_distill/, sal_distill/,
+    # pascal-context/trainval/, json/, ImageSets/Context/{train,val}.txt):
+    python -m modeling_sak.prepare_dataset pascal_context --source PASCAL_MT --output_dir pascal-context-multitask
     # ToyRooms, generated (no download):
     python -m modeling_sak.prepare_dataset toyrooms --output_dir toyrooms [--num_train 2000 --num_test 200]
 
@@ -35,6 +38,10 @@ NYUD_CITATION = """@inproceedings{silberman2012indoor,
   booktitle={ECCV}, year={2012}
 }"""
 
+NYUD_PROVENANCE = """- `semseg`: the reference's `segmentation/ID.png` stores classes 1..40 with 0 = unlabeled; here 0..39, 255 = ignore.
+- `depth`: `depth/ID.npy` in metres, stored losslessly as float32 TIFF.
+- `normals`, `edge`: `normals/ID.png` and `edge/ID.png` as they are (8-bit)."""
+
 
 def write_split(
     rows: Iterable[dict[str, Any]], columns: list[str], output_dir: Path, split: str, total: int, rows_per_shard: int
@@ -67,7 +74,8 @@ def write_split(
 
 
 def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], columns: list[str], description: str,
-               citation: str | None = None, license: str = "other", repo_id: str | None = None) -> None:  # fmt: skip
+               citation: str | None = None, license: str = "other", repo_id: str | None = None,
+               provenance: str | None = None) -> None:  # fmt: skip
     """README.md from hub_cards/dataset_card.md, with YAML metadata (features, splits, data files)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -77,8 +85,10 @@ def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], colum
     data = DatasetCardData(
         pretty_name=pretty_name,
         license=license,
-        task_categories=["image-segmentation", "depth-estimation"],
-        tags=["multi-task", "sak", "semantic-segmentation", "surface-normals", "boundary-detection"],
+        task_categories=["image-segmentation"] + (["depth-estimation"] if "depth" in columns else []),
+        tags=["multi-task", "sak", "semantic-segmentation", "surface-normals", "boundary-detection"]
+        + (["human-parts"] if "human_parts" in columns else [])
+        + (["saliency"] if "sal" in columns else []),
         configs=[{"config_name": "default", "data_files": [{"split": s, "path": f"data/{s}-*"} for s in counts]}],
         dataset_info={
             "features": [{"name": name, "dtype": "string" if name == "id" else "image"} for name in features],
@@ -99,8 +109,14 @@ def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], colum
             ("image", "RGB image"),
             ("semseg", "8-bit class ids, 255 = ignore"),
             ("depth", "float32 TIFF, metres, 0 = no measurement"),
-            ("normals", "8-bit RGB, n = 2 v / 255 - 1 (camera frame)"),
+            ("normals", "8-bit RGB, n = 2 v / 255 - 1 (camera frame); (0, 0, 0) = no normal"),
             ("edge", "8-bit, 255 = boundary"),
+            (
+                "human_parts",
+                "8-bit part ids (0 background, 1 head, 2 torso, 3 upper arm, 4 lower arm, 5 upper leg, "
+                "6 lower leg), 255 = ignore",
+            ),
+            ("sal", "8-bit, 255 = salient"),
         ]
         if c in ("id", "image") or c in columns
     )
@@ -110,7 +126,8 @@ def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], colum
         pretty_name=pretty_name,
         description=description,
         columns_table=columns_table,
-        splits=", ".join(f"{split}: {n} images" for split, n in counts.items()),
+        splits=", ".join(f"{split}: {n} image{'s' * (n != 1)}" for split, n in counts.items()),
+        provenance=provenance,
         repo_id=repo_id or output_dir.name,
         citation=citation,
     )
@@ -193,6 +210,175 @@ def convert_nyud(source: str | Path, output_dir: str | Path, rows_per_shard: int
         "NYUD-v2 with 40-class semantic segmentation, depth, surface normals and boundaries (795 train / 654 test), "
         "converted from the multi-task reference folder layout.",
         NYUD_CITATION,
+        provenance=NYUD_PROVENANCE,
+    )
+    return counts
+
+
+PASCAL_SPLITS = {"train": "train.txt", "test": "val.txt"}
+PASCAL_EXPECTED = {"train": 4998, "test": 5105}
+PASCAL_HUMAN_CLASS = 15  # "person" in PASCAL-Part's object classes
+# PASCAL-Part part names of a person -> the 6 human parts of the multi-task protocol (0 = background):
+# 1 head, 2 torso, 3 upper arms, 4 lower arms and hands, 5 upper legs, 6 lower legs and feet.
+HUMAN_PARTS = {
+    **dict.fromkeys(("hair", "head", "lear", "rear", "lebrow", "rebrow", "leye", "reye", "mouth", "nose"), 1),
+    **dict.fromkeys(("neck", "torso"), 2),
+    **dict.fromkeys(("luarm", "ruarm"), 3),
+    **dict.fromkeys(("llarm", "rlarm", "lhand", "rhand"), 4),
+    **dict.fromkeys(("luleg", "ruleg"), 5),
+    **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6),
+}
+PASCAL_CITATION = """@inproceedings{mottaghi2014role,
+  title={The Role of Context for Object Detection and Semantic Segmentation in the Wild},
+  author={Mottaghi, Roozbeh and Chen, Xianjie and Liu, Xiaobai and Cho, Nam-Gyu and Lee, Seong-Whan and Fidler, Sanja
+          and Urtasun, Raquel and Yuille, Alan},
+  booktitle={CVPR}, year={2014}
+}
+@inproceedings{chen2014detect,
+  title={Detect What You Can: Detecting and Representing Objects using Holistic Models and Body Parts},
+  author={Chen, Xianjie and Mottaghi, Roozbeh and Liu, Xiaobai and Fidler, Sanja and Urtasun, Raquel and Yuille, Alan},
+  booktitle={CVPR}, year={2014}
+}"""
+PASCAL_PROVENANCE = """Each label is derived exactly as the multi-task reference loader derives it on the fly:
+- `semseg`: `semseg/VOC12/ID.png` if it exists, otherwise `semseg/pascal-context/ID.png`, as stored (21 classes).
+- `human_parts`: from the PASCAL-Part annotation `human_parts/ID.mat`: every person (class 15) with part annotations
+  paints its parts with ids 1 head (hair, ears, eyes, eyebrows, mouth, nose), 2 torso (and neck), 3 upper arms,
+  4 lower arms and hands, 5 upper legs, 6 lower legs and feet; everything else, and images without people, is 0.
+- `normals`: the distilled normals `normals_distill/ID.png`, kept only on pixels whose PASCAL-Context class
+  (`pascal-context/trainval/ID.mat`) also exists in NYUD-v2 (`json/nyu_classes.json`), plus tvmonitor; zero elsewhere
+  (ignored in training and evaluation).
+- `edge`: the pixels where the 4-neighbour Laplacian of the PASCAL-Context label map is non-zero, thinned.
+- `sal`: the distilled saliency `sal_distill/ID.png` binarised at 0.5."""
+
+
+def context_edges(label_map: np.ndarray) -> np.ndarray:
+    """Boundaries of a PASCAL-Context label map as the reference derives them: the pixels where the 4-neighbour
+    Laplacian of the label values (borders mirrored without repeating the edge pixel) is non-zero, thinned."""
+    from skimage.morphology import thin
+
+    labels = np.pad(np.asarray(label_map, dtype=np.float64), 1, mode="reflect")
+    laplacian = labels[:-2, 1:-1] + labels[2:, 1:-1] + labels[1:-1, :-2] + labels[1:-1, 2:] - 4 * labels[1:-1, 1:-1]
+    return thin(laplacian != 0).astype(np.float32)
+
+
+def human_parts_label(annotation: dict[str, Any], shape: tuple[int, int]) -> np.ndarray:
+    """Human-part ids (0 background, 1..6 parts) from a PASCAL-Part annotation (`scipy.io.loadmat` of its .mat):
+    every person with annotated parts paints its parts; images without a person are all background, as in the
+    reference."""
+    objects = annotation["anno"][0][0][1][0]
+    has_person = any(int(obj[1][0][0]) == PASCAL_HUMAN_CLASS and obj[2].sum() > 0 for obj in objects)
+    target = np.zeros(objects[0][2].shape if len(objects) else shape, dtype=np.int64)
+    if not has_person:
+        return target
+    for obj in objects:
+        if int(obj[1][0][0]) != PASCAL_HUMAN_CLASS or len(obj[3]) == 0:
+            continue
+        for part in obj[3][0]:
+            name = str(part[0][0])
+            if name not in HUMAN_PARTS:
+                raise ValueError(f"unknown human part {name!r}; known: {sorted(HUMAN_PARTS)}")
+            target[part[1].astype(bool)] = HUMAN_PARTS[name]
+    return target
+
+
+def normals_valid_classes(source: Path) -> set[int]:
+    """PASCAL-Context class ids whose distilled normals are kept: the classes NYUD-v2 also has, plus tvmonitor."""
+    import json
+
+    paths = [source / "json" / "nyu_classes.json", source / "json" / "context_classes.json"]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing; the reference PASCAL-Context layout has json/ with both files"
+            )
+    nyu, context = (json.loads(path.read_text()) for path in paths)
+    return {int(context[name]) for name in nyu if name in context and name != "unknown"} | {int(context["tvmonitor"])}
+
+
+PASCAL_FILES = {
+    "image": "JPEGImages/{id}.jpg",
+    "semseg": "semseg/VOC12/{id}.png or semseg/pascal-context/{id}.png",
+    "human_parts": "human_parts/{id}.mat",
+    "normals": "normals_distill/{id}.png",
+    "sal": "sal_distill/{id}.png",
+    "context": "pascal-context/trainval/{id}.mat",
+}
+
+
+def _pascal_paths(source: Path, example_id: str) -> dict[str, Path | None]:
+    return {
+        "image": _find(source / "JPEGImages", example_id, (".jpg", ".png")),
+        "semseg": _find(source / "semseg" / "VOC12", example_id, (".png",))
+        or _find(source / "semseg" / "pascal-context", example_id, (".png",)),
+        "human_parts": _find(source / "human_parts", example_id, (".mat",)),
+        "normals": _find(source / "normals_distill", example_id, (".png",)),
+        "sal": _find(source / "sal_distill", example_id, (".png",)),
+        "context": _find(source / "pascal-context" / "trainval", example_id, (".mat",)),
+    }
+
+
+def _pascal_row(source: Path, example_id: str, valid_classes: set[int], num_classes: int) -> dict[str, Any]:
+    from scipy.io import loadmat
+
+    paths = _pascal_paths(source, example_id)
+    try:
+        image = np.asarray(Image.open(paths["image"]).convert("RGB"))
+        semseg = np.asarray(Image.open(paths["semseg"]), dtype=np.int64)
+        label_map = np.asarray(loadmat(paths["context"])["LabelMap"])
+        parts = human_parts_label(loadmat(paths["human_parts"]), image.shape[:2])
+        stored_normals = np.asarray(Image.open(paths["normals"]).convert("RGB"), dtype=np.float32) * (2 / 255) - 1
+        sal = (np.asarray(Image.open(paths["sal"]).convert("L"), dtype=np.float32) / 255 > 0.5).astype(np.float32)
+    except Exception as error:
+        raise ValueError(f"{example_id}: unreadable file ({type(error).__name__}: {error})") from error
+    for name, value in (("semseg", semseg), ("context label map", label_map), ("human_parts", parts),
+                        ("normals", stored_normals), ("sal", sal)):  # fmt: skip
+        if value.shape[:2] != image.shape[:2]:
+            raise ValueError(f"{example_id}: {name} is {value.shape[:2]} but the image is {image.shape[:2]}")
+    bad = np.setdiff1d(np.unique(semseg), [*range(num_classes), 255])
+    if bad.size:
+        raise ValueError(f"{example_id}: semseg has ids {bad.tolist()} outside 0..{num_classes - 1} and 255")
+    # Distilled normals are kept only on classes NYUD-v2 also has; elsewhere zero (ignored in training).
+    normals = np.where(np.isin(label_map, list(valid_classes))[..., None], stored_normals, 0.0)
+    return encode_example(example_id, image, semseg=semseg, human_parts=parts, normals=normals,
+                          edge=context_edges(label_map), sal=sal)  # fmt: skip
+
+
+def convert_pascal_context(source: str | Path, output_dir: str | Path, rows_per_shard: int = 200,
+                           num_classes: int = 21) -> dict[str, int]:  # fmt: skip
+    """Convert the reference PASCAL-Context folder; every file is checked before anything is written."""
+    source, output_dir = Path(source), Path(output_dir)
+    if not source.is_dir():
+        raise FileNotFoundError(f"PASCAL-Context source folder {source} does not exist")
+    splits = {split: _read_ids(source / "ImageSets" / "Context" / name) for split, name in PASCAL_SPLITS.items()}
+    valid_classes = normals_valid_classes(source)
+    problems = []
+    for ids in splits.values():
+        for example_id in ids:
+            missing = [name for name, path in _pascal_paths(source, example_id).items() if path is None]
+            problems += [PASCAL_FILES[name].format(id=example_id) for name in missing]
+    if problems:
+        raise FileNotFoundError(f"{len(problems)} files are missing from {source}: {problems[:10]}")
+    counts = {}
+    columns = ["semseg", "human_parts", "normals", "edge", "sal"]
+    for split, ids in splits.items():
+        rows = (_pascal_row(source, example_id, valid_classes, num_classes) for example_id in ids)
+        counts[split] = write_split(rows, columns, output_dir, split, len(ids), rows_per_shard)
+        if counts[split] != len(ids):
+            raise RuntimeError(f"{split}: wrote {counts[split]} rows for {len(ids)} ids")
+        if counts[split] != PASCAL_EXPECTED[split]:
+            print(
+                f"note: {split} has {counts[split]} images (the PASCAL-Context protocol has {PASCAL_EXPECTED[split]})"
+            )
+    write_card(
+        output_dir,
+        "PASCAL-Context multi-task (SAK schema)",
+        counts,
+        columns,
+        "PASCAL-Context in the multi-task protocol (4998 train / 5105 test): 21-class semantic segmentation, 6 human "
+        "parts, distilled surface normals and saliency, and boundaries derived from the 459-class context labels. "
+        "Converted from the multi-task reference folder layout.",
+        PASCAL_CITATION,
+        provenance=PASCAL_PROVENANCE,
     )
     return counts
 
@@ -241,12 +427,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     nyud.add_argument(
         "--source", required=True, help="folder with images/ segmentation/ normals/ edge/ depth/ gt_sets/"
     )
+    pascal = sub.add_parser("pascal_context", help="convert the reference PASCAL-Context folder layout")
+    pascal.add_argument(
+        "--source",
+        required=True,
+        help="folder with JPEGImages/ semseg/ human_parts/ normals_distill/ sal_distill/ "
+        "pascal-context/trainval/ json/ ImageSets/Context/",
+    )
+    pascal.add_argument("--num_classes", type=int, default=21, help="semantic classes (ids 0..N-1, 255 ignored)")
     toy = sub.add_parser("toyrooms", help="render ToyRooms")
     toy.add_argument("--num_train", type=int, default=2000, help="training scenes")
     toy.add_argument("--num_test", type=int, default=200, help="test scenes")
     toy.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="image size")
     toy.add_argument("--seed", type=int, default=0, help="scene seed: the same seed gives the same dataset")
-    for command in (nyud, toy):
+    for command in (nyud, pascal, toy):
         command.add_argument("--output_dir", required=True, help="folder to write data/*.parquet and README.md into")
         command.add_argument("--rows_per_shard", type=int, default=200, help="rows per parquet shard")
         command.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder as this dataset repo")
@@ -258,6 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dataset == "nyud":
         counts = convert_nyud(args.source, args.output_dir, args.rows_per_shard)
+    elif args.dataset == "pascal_context":
+        counts = convert_pascal_context(args.source, args.output_dir, args.rows_per_shard, args.num_classes)
     else:
         counts = make_toyrooms(args.output_dir, args.num_train, args.num_test, tuple(args.size), args.seed,
                                args.rows_per_shard)  # fmt: skip

@@ -8,11 +8,14 @@ One row per image, columns (all `datasets.Image` features, so the Hub viewer sho
 | `image`   | 8-bit RGB PNG/JPEG                        | uint8 (H, W, 3)                                    |
 | `semseg`  | 8-bit L PNG: class ids 0..N-1, 255 ignore | int64 (H, W)                                       |
 | `depth`   | 32-bit float TIFF (mode F), metres, 0 = no measurement | float32 (H, W), lossless             |
-| `normals` | 8-bit RGB PNG, `v = (n + 1) * 255 / 2`    | float32 (H, W, 3) in [-1, 1] (`2 v / 255 - 1`)     |
+| `normals` | 8-bit RGB PNG, `v = (n + 1) * 255 / 2`; (0, 0, 0) = no normal | float32 (H, W, 3) in [-1, 1] (`2 v / 255 - 1`), 0 where none |
 | `edge`    | 8-bit L PNG, 255 = boundary               | float32 (H, W) in [0, 1] (`v / 255`)               |
 
 Depth is stored as float32 TIFF rather than 16-bit millimetres: it is lossless, keeps sub-millimetre values and
-needs no scale convention. Datasets may lack some task columns (e.g. PASCAL-Context has no depth; extra PASCAL
+needs no scale convention. A normal of exactly zero ("no label here", e.g. PASCAL-Context pixels outside the classes its
+distilled normals are valid for) cannot survive `(n + 1) * 255 / 2` quantisation, so it is stored as the pixel (0, 0, 0)
+(which would otherwise mean the non-unit vector (-1, -1, -1)) and decoded back to zero; the transforms then mark
+zero-norm normals as ignored, as the reference does. Datasets may lack some task columns (e.g. PASCAL-Context has no depth; extra PASCAL
 columns `human_parts` (8-bit ids, 255 ignore) and `sal` (8-bit, 255 = salient) follow the same rules).
 """
 
@@ -51,7 +54,9 @@ def encode_example(example_id: str, image: np.ndarray, **labels: np.ndarray | No
         elif task == "depth":
             row[task] = PILImage.fromarray(np.ascontiguousarray(value, dtype=np.float32), mode="F")
         elif task == "normals":
-            quantised = np.clip(np.round((np.asarray(value, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            value = np.asarray(value, np.float32)
+            quantised = np.clip(np.round((value + 1.0) * 127.5), 0, 255).astype(np.uint8)
+            quantised[~value.any(axis=-1)] = 0  # "no normal": see the module docstring
             row[task] = PILImage.fromarray(quantised, mode="RGB")
         elif task in ("edge", "sal"):
             row[task] = PILImage.fromarray(np.clip(np.round(np.asarray(value) * 255), 0, 255).astype(np.uint8), "L")
@@ -90,7 +95,10 @@ def decode_example(row: dict[str, Any]) -> dict[str, Any]:
         elif task == "depth":
             example[task] = np.asarray(value, dtype=np.float32)
         elif task == "normals":
-            example[task] = np.asarray(value.convert("RGB"), dtype=np.float32) * (2.0 / 255.0) - 1.0
+            stored = np.asarray(value.convert("RGB"))
+            normals = stored.astype(np.float32) * (2.0 / 255.0) - 1.0
+            normals[~stored.any(axis=-1)] = 0.0  # (0, 0, 0) = no normal
+            example[task] = normals
         else:
             example[task] = np.asarray(value.convert("L"), dtype=np.float32) / 255.0
     return example
