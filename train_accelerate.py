@@ -36,16 +36,16 @@ from modeling_sak.data.loading import (
 )
 from modeling_sak.data.toyrooms import CLASSES
 from modeling_sak.data.transforms import MultiTaskTransform, stage1_transform
+from modeling_sak.evaluation.metrics import MAIN_METRIC, delta_m
 from modeling_sak.evaluation.pictures import prediction_grid, router_bar_chart
 from modeling_sak.model_card import render_model_card
 from modeling_sak.specialist_teachers import DEFAULT_CACHE, ensure_specialists, ensure_toyrooms
 from modeling_sak.training import (
     DEFAULT_RECIPE,
-    MAIN_METRIC,
     build_config,
     build_model,
     check_finite,
-    delta_m,
+    distributed_without_gpu,
     evaluate,
     load_recipe,
     make_scheduler,
@@ -315,8 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(args.num_threads or max(1, (psutil.cpu_count(logical=False) or 1) // local))
     accelerator = Accelerator(
-        # Several processes without a GPU (torchrun, or accelerate launch --cpu): gloo on the CPU.
-        cpu=int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available(),
+        cpu=distributed_without_gpu(),  # several processes without a GPU: gloo on the CPU
         mixed_precision=recipe["mixed_precision"],
         gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
         log_with=recipe["report_to"].split(",") if recipe["report_to"] else None,

@@ -1,13 +1,18 @@
 """Evaluate a SAK checkpoint on a multi-task dataset split and print the paper's metrics.
 
     python -m modeling_sak.evaluate_model --model PATH_OR_REPO --dataset NAME_OR_PATH [--split test]
-        [--output_dir DIR] [--save_predictions N]
+        [--output_dir DIR] [--save_predictions N] [--baseline nyud_vitb|results.json]
 
 The images are normalised and padded as the reference evaluation does (no resizing), predicted, and compared with
 the labels over valid pixels. Metrics come from streaming sufficient statistics (see
-`modeling_sak.evaluation.metrics`); run it under `accelerate launch --num_processes K` to split the data over
-processes: the summed statistics give exactly the single-process numbers. Writes `DIR/metrics.json` and, with
-`--save_predictions N`, `DIR/predictions.png` (input, ground truth and prediction per task for the first N images).
+`modeling_sak.evaluation.metrics`). To split the data over K processes, run it under
+`accelerate launch --num_processes K [--cpu] -m modeling_sak.evaluate_model ...` or
+`torchrun --nproc_per_node K -m modeling_sak.evaluate_model ...`: every statistic is an integer sum, so the numbers
+equal the single-process ones exactly. Boundaries are scored with the paper's odsF (non-maximum suppression, 101
+thresholds, one-to-one BSDS-style matching; `--boundary tolerance` for a quick approximation). Writes
+`DIR/metrics.json` and, with `--save_predictions N`, for the first N images `DIR/predictions/{id}_{task}.png` per
+task, `DIR/predictions/{id}_grid.png`, and `DIR/predictions.png` (input, ground truth and prediction per task, one
+row per image).
 """
 
 from __future__ import annotations
@@ -23,8 +28,30 @@ from transformers import AutoModel
 
 from .data.loading import MultiTaskStream, load_multitask_split
 from .data.transforms import MultiTaskTransform
-from .evaluation.pictures import prediction_grid
-from .training import evaluate
+from .evaluation.metrics import SINGLE_TASK_BASELINES, delta_m
+from .evaluation.pictures import denormalize, prediction_grid, save_task_pictures
+from .image_processing_sak import SAKImageProcessor
+from .training import distributed_without_gpu, evaluate
+
+
+@torch.no_grad()
+def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Path, device) -> None:
+    """Pictures of the first `count` images: per-task PNGs and a grid per image, and one grid with ground truth."""
+    batch = stream.collate(list(islice(stream, count)))
+    outputs = model(pixel_values=batch["pixel_values"].to(device))
+    task_outputs = {task: value.float().cpu() for task, value in outputs.task_outputs.items()}
+    tasks = dict(model.config.tasks)
+    prediction_grid(batch["pixel_values"], batch["labels"], task_outputs, output_dir / "predictions.png",
+                    tasks.get("semseg", 40), rows=count)  # fmt: skip
+    boxes = batch.get("content_boxes")
+    per_image = SAKImageProcessor().post_process_multi_task(task_outputs, content_boxes=boxes)
+    for i, predictions in enumerate(per_image):
+        image = denormalize(batch["pixel_values"][i])
+        if boxes is not None:
+            top, left, height, width = (int(v) for v in boxes[i])
+            image = image[top : top + height, left : left + width]
+        stem = str(batch["ids"][i] or f"image{i}").replace("/", "_").replace("\\", "_")
+        save_task_pictures(image, predictions, output_dir / "predictions", stem, tasks)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,11 +64,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--streaming", action="store_true", help="stream the split instead of reading it whole")
     parser.add_argument("--output_dir", default="outputs/evaluation", help="where metrics.json and pictures go")
     parser.add_argument("--save_predictions", type=int, default=0, metavar="N", help="draw the first N images")
+    parser.add_argument(
+        "--boundary",
+        choices=["bsds", "tolerance"],
+        default="bsds",
+        help="edge metric: bsds = the paper's odsF (default), tolerance = a quick approximation",
+    )
+    parser.add_argument(
+        "--baseline",
+        help="also report Delta_m against single-task results: "
+        f"{' / '.join(SINGLE_TASK_BASELINES)} (the paper's) or a metrics.json of another run",
+    )
     parser.add_argument("--write_card", metavar="REPO_ID", help="also write MODEL/README.md: a model card for REPO_ID "
                         "with these measurements (and the paper's numbers for released configurations)")  # fmt: skip
     args = parser.parse_args(argv)
+    baseline = args.baseline
+    if baseline and baseline not in SINGLE_TASK_BASELINES:
+        if not Path(baseline).is_file():
+            parser.error(f"--baseline {baseline}: neither {' / '.join(SINGLE_TASK_BASELINES)} nor a metrics.json file")
+        baseline = json.loads(Path(baseline).read_text())
+        baseline = baseline.get("metrics", baseline)
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=distributed_without_gpu())
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(accelerator.device).eval()
     config = model.config
     split = load_multitask_split(args.dataset, args.split, streaming=args.streaming)
@@ -49,22 +93,21 @@ def main(argv: list[str] | None = None) -> dict:
                              train=False, rank=accelerator.process_index, world_size=accelerator.num_processes,
                              dataset_name=args.dataset)  # fmt: skip
     loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, collate_fn=stream.collate)
-    results = evaluate(model, loader, accelerator, config)
+    results = evaluate(model, loader, accelerator, config, boundary=args.boundary)
+    if baseline:
+        results["Delta_m"] = {"percent": delta_m(results, baseline)}
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps({"model": args.model, "dataset": args.dataset,
-                                                             "split": args.split, "metrics": results}, indent=2))  # fmt: skip
+        (output_dir / "metrics.json").write_text(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,
+                                                             "processes": accelerator.num_processes,
+                                                             "metrics": results}, indent=2))  # fmt: skip
         print(f"{'task':<12}{'metric':<16}{'value':>10}")
         for task, values in results.items():
             for metric, value in values.items():
                 print(f"{task:<12}{metric:<16}{value:>10.4f}")
         if args.save_predictions:
-            batch = stream.collate(list(islice(stream, args.save_predictions)))
-            with torch.no_grad():
-                outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
-            prediction_grid(batch["pixel_values"], batch["labels"], {k: v.cpu() for k, v in outputs.task_outputs.items()},
-                            output_dir / "predictions.png", config.tasks.get("semseg", 40), rows=args.save_predictions)  # fmt: skip
+            save_predictions(model, stream, args.save_predictions, output_dir, accelerator.device)
         print(f"wrote {output_dir / 'metrics.json'}")
         if args.write_card:
             from .model_card import render_model_card

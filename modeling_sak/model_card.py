@@ -19,9 +19,10 @@ def hub_cards_dir() -> Path:
 
 
 METRIC_NAMES = {("semseg", "mIoU"): "mIoU", ("depth", "rmse"): "RMSE", ("normals", "mean"): "mean angular error",
-                ("edge", "odsF_tol"): "boundary F (tolerance)", ("human_parts", "mIoU"): "mIoU"}  # fmt: skip
+                ("edge", "odsF"): "boundary odsF", ("edge", "odsF_tol"): "boundary F (tolerance)",
+                ("human_parts", "mIoU"): "mIoU", ("sal", "maxF"): "maxF"}  # fmt: skip
 TASK_TYPES = {"semseg": "image-segmentation", "human_parts": "image-segmentation", "depth": "depth-estimation",
-              "normals": "depth-estimation", "edge": "image-segmentation"}  # fmt: skip
+              "normals": "depth-estimation", "edge": "image-segmentation", "sal": "image-segmentation"}  # fmt: skip
 
 
 # DESIGN section 3: the paper's numbers for the released configurations, shown beside measured ones.

@@ -16,7 +16,7 @@ import yaml
 from transformers.utils import logging
 
 from .configuration_sak import SAKConfig
-from .evaluation.metrics import BoundaryMetric, DepthMetric, NormalsMetric, SemsegMetric
+from .evaluation.metrics import make_metrics
 from .modeling_sak import SAKForMultiTask, resize_position_embeddings
 
 
@@ -76,8 +76,14 @@ DEFAULT_RECIPE: dict[str, Any] = {
 }  # fmt: skip
 # What a YAML recipe starts from: the same keys, without the default run's ToyRooms-only choices.
 RECIPE_BASE: dict[str, Any] = DEFAULT_RECIPE | {"train_limit": None, "baseline": False, "stage1_steps": 0}
-LOWER_IS_BETTER = {"depth": True, "normals": True}
-MAIN_METRIC = {"semseg": "mIoU", "human_parts": "mIoU", "depth": "rmse", "normals": "mean", "edge": "odsF_tol"}
+
+
+def distributed_without_gpu() -> bool:
+    """True when several processes were launched (torchrun, accelerate launch) on a machine without a GPU: then
+    `Accelerator(cpu=True)` is needed for them to form a gloo group instead of each running alone."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 def load_recipe(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -260,25 +266,11 @@ def resolve_checkpoint(output_dir: str | Path, value: str) -> Path:
     return path
 
 
-def make_metrics(config: SAKConfig) -> dict[str, Any]:
-    metrics = {}
-    for task, channels in config.tasks.items():
-        if task in ("semseg", "human_parts"):
-            metrics[task] = SemsegMetric(channels, config.semantic_loss_ignore_index)
-        elif task == "depth":
-            metrics[task] = DepthMetric()
-        elif task == "normals":
-            metrics[task] = NormalsMetric(config.semantic_loss_ignore_index)
-        elif task == "edge":
-            metrics[task] = BoundaryMetric()
-    return metrics
-
-
 @torch.no_grad()
-def evaluate(model, loader, accelerator, config: SAKConfig) -> dict[str, dict[str, float]]:
+def evaluate(model, loader, accelerator, config: SAKConfig, boundary: str = "bsds") -> dict[str, dict[str, float]]:
     """Metrics of every task over this process's part of `loader`, summed across processes."""
     model.eval()
-    metrics = make_metrics(config)
+    metrics = make_metrics(config.tasks, config.semantic_loss_ignore_index, boundary)
     for batch in loader:
         if batch["pixel_values"] is None:
             continue
@@ -294,14 +286,3 @@ def evaluate(model, loader, accelerator, config: SAKConfig) -> dict[str, dict[st
         results[task] = metric.compute()
     model.train()
     return results
-
-
-def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]]) -> float:
-    """Multi-task gain over `baseline` in percent, one main metric per task (lower-is-better tasks negated)."""
-    terms = []
-    for task, metric in MAIN_METRIC.items():
-        if task in results and task in baseline:
-            ours, theirs = results[task][metric], baseline[task][metric]
-            sign = -1.0 if LOWER_IS_BETTER.get(task) else 1.0
-            terms.append(sign * (ours - theirs) / theirs * 100)
-    return sum(terms) / len(terms) if terms else float("nan")

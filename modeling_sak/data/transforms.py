@@ -231,6 +231,8 @@ def collate_multitask(examples: list[dict], tasks: Sequence[str]) -> dict[str, A
         task: torch.stack([e[task] for e in examples]) if all(task in e for e in examples) else None for task in tasks
     }
     batch["ids"] = [e.get("id", "") for e in examples]
+    if all("content_box" in e for e in examples):  # (top, left, height, width) of each image inside the padding
+        batch["content_boxes"] = torch.tensor([e["content_box"] for e in examples])
     return batch
 
 

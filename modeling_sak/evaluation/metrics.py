@@ -1,20 +1,31 @@
-"""Dense multi-task metrics from streaming sufficient statistics (never per-pixel predictions).
+"""Multi-task metrics from streaming sufficient statistics (never per-pixel predictions).
 
-Each metric keeps a few tensors (`state()`), `update(prediction, label)` adds a batch, `merge`-able by summation, so
-a multi-process evaluation reduces the states (e.g. `accelerator.reduce(state, "sum")`) and gets exactly the
-single-process numbers. Conventions (the multi-task literature's):
+Each metric keeps a few tensors (`state()`); `update(prediction, label)` adds a batch; states merge by summation, so a
+multi-process evaluation reduces them (`accelerator.reduce(state, "sum")`) and gets exactly the single-process
+numbers. Every definition follows the reference implementation's evaluation code:
 
-- semseg / human_parts: confusion matrix over valid pixels (label != 255) -> mIoU over classes that occur in the
-  prediction or the label (torchmetrics "macro" behaviour), pixel accuracy.
-- depth: pooled over all valid pixels of the split (0 < gt < max_depth and gt != 255): RMSE = sqrt(sum sq / n), abs
-  rel, log10-free log RMSE (natural log), delta < 1.25^k.
-- normals: angle between unit prediction and label over valid pixels (no label channel == 255), in a 0.01-degree
-  histogram -> mean, median, % within 11.25 / 22.5 / 30 degrees.
+- semseg / human_parts: confusion matrix over valid pixels (label != 255); mIoU is the mean over ALL classes of
+  TP / (TP + FP + FN), a class absent from both prediction and label counting as 0 (as the reference's meters do; on
+  the full NYUD-v2 / PASCAL-Context test splits every class occurs); pixel accuracy.
+- Float statistics (depth errors, normal angles) are summed as int64 fixed point (2^-24 units per pixel value), so
+  the totals are exact and independent of how the split was divided among processes or batches.
+- depth: the prediction is clamped at 0 (then 1e-9), errors pooled over all valid pixels of the split
+  (0 < gt < 80): RMSE = sqrt(sum sq / n), plus abs rel, log RMSE (natural log) and delta < 1.25^k.
+- normals: the angle 2 atan2(|p - g|, |p + g|) between unit prediction and unit label (accurate for small angles,
+  unlike acos of the dot product) over valid pixels (no label channel == 255), in a 0.01-degree histogram -> mean
+  (exact, from the summed angles), median, % within 11.25 / 22.5 / 30 degrees.
+- sal: maxF with beta^2 = 0.3 over the thresholds 0.05, 0.10, ..., 0.95 of the salient-class probability
+  (`prediction >= threshold`), from counts summed over the split.
+- edge: see `modeling_sak.evaluation.boundaries` (BSDS one-to-one matching, odsF); `BoundaryMetric` here is a
+  quick tolerance-based F-measure for monitoring.
+
+`delta_m` gives the multi-task gain against single-task baselines (`SINGLE_TASK_BASELINES`: the paper's).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,10 +33,11 @@ import torch.nn.functional as F
 
 
 IGNORE_INDEX = 255
+FIXED_POINT_BITS = 24  # float statistics are summed as integers in units of 2^-24 (exact in any order)
 
 
 class SemsegMetric:
-    """Confusion matrix -> mIoU and pixel accuracy. `update` takes label maps (B, H, W) or logits (B, C, H, W)."""
+    """Confusion matrix -> mIoU (over all classes) and pixel accuracy. `update` takes ids (B, H, W) or logits."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index
@@ -49,49 +61,69 @@ class SemsegMetric:
         confusion = self.confusion.double()
         true_positive = confusion.diag()
         union = confusion.sum(0) + confusion.sum(1) - true_positive
-        present = union > 0
-        iou = true_positive[present] / union[present]
+        iou = true_positive / union.clamp(min=1e-8)
         total = confusion.sum()
         return {
-            "mIoU": float(iou.mean() * 100) if present.any() else float("nan"),
+            "mIoU": float(iou.mean() * 100) if total > 0 else float("nan"),
             "pixel_accuracy": float(true_positive.sum() / total * 100) if total > 0 else float("nan"),
         }
 
 
+def fixed_point_sum(values: torch.Tensor, what: str) -> torch.Tensor:
+    """Sum of float values as an int64 count of 2^-FIXED_POINT_BITS units (each value rounded first).
+
+    Integer sums are exact in any order, so statistics summed per process and then across processes equal the
+    single-process ones bit for bit (float sums would differ in the last bits with the grouping)."""
+    scaled = (values.double() * 2.0**FIXED_POINT_BITS).round()
+    if scaled.numel() and not bool(scaled.abs().max() < 2.0**52):
+        raise ValueError(f"{what}: a per-pixel value of {float(values.abs().max()):.4g} is too large to accumulate")
+    return scaled.to(torch.int64).sum()
+
+
+def _add_checked(total: torch.Tensor, increment: torch.Tensor, what: str) -> torch.Tensor:
+    result = total + increment
+    if bool((result.abs() > 2**62).any()):
+        raise OverflowError(f"{what}: the accumulated errors exceed the fixed-point range; evaluate in smaller parts")
+    return result
+
+
 class DepthMetric:
-    """Pooled depth errors over valid pixels (0 < gt < max_depth, gt != 255)."""
+    """Pooled depth errors over valid pixels (0 < gt < max_depth, gt != 255), accumulated exactly."""
 
     def __init__(self, max_depth: float = 80.0):
         self.max_depth = max_depth
-        self.sums = torch.zeros(7, dtype=torch.float64)  # n, sq, abs_rel, sq_log, delta1, delta2, delta3
+        # n, sq, abs_rel, sq_log (fixed point), delta1, delta2, delta3 (counts)
+        self.sums = torch.zeros(7, dtype=torch.int64)
 
     def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
-        prediction, label = prediction.reshape(label.shape).double(), label.double()
+        prediction, label = prediction.reshape(label.shape).double().cpu(), label.double().cpu()
         valid = (label > 0) & (label < self.max_depth) & (label != IGNORE_INDEX)
-        pred, gt = prediction[valid], label[valid]
-        pred_pos = pred.clamp(min=1e-6)
-        ratio = torch.maximum(pred_pos / gt, gt / pred_pos)
-        self.sums += torch.stack([
-            valid.sum().double(),
-            ((pred - gt) ** 2).sum(),
-            ((pred - gt).abs() / gt).sum(),
-            ((pred_pos.log() - gt.log()) ** 2).sum(),
-            (ratio < 1.25).sum().double(),
-            (ratio < 1.25**2).sum().double(),
-            (ratio < 1.25**3).sum().double(),
-        ]).cpu()  # fmt: skip
+        # As the reference: predictions clamped at 0, and non-positive ones set to 1e-9.
+        pred, gt = prediction[valid].clamp(min=1e-9), label[valid]
+        ratio = torch.maximum(pred / gt, gt / pred)
+        increment = torch.stack([
+            valid.sum(),
+            fixed_point_sum((pred - gt) ** 2, "depth squared error"),
+            fixed_point_sum((pred - gt).abs() / gt, "depth relative error"),
+            fixed_point_sum((pred.log() - gt.log()) ** 2, "depth log error"),
+            (ratio < 1.25).sum(),
+            (ratio < 1.25**2).sum(),
+            (ratio < 1.25**3).sum(),
+        ])  # fmt: skip
+        self.sums = _add_checked(self.sums, increment, "depth")
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"sums": self.sums}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.sums = state["sums"].double().cpu()
+        self.sums = state["sums"].to(torch.int64).cpu()
 
     def compute(self) -> dict[str, float]:
         n = self.sums[0].item()
         if n == 0:
             return {k: float("nan") for k in ("rmse", "abs_rel", "log_rmse", "delta1", "delta2", "delta3")}
-        s = self.sums / n
+        s = self.sums.double() / n
+        s[1:4] /= 2.0**FIXED_POINT_BITS
         return {"rmse": math.sqrt(s[1]), "abs_rel": float(s[2]), "log_rmse": math.sqrt(s[3]),
                 "delta1": float(s[4] * 100), "delta2": float(s[5] * 100), "delta3": float(s[6] * 100)}  # fmt: skip
 
@@ -104,22 +136,23 @@ class NormalsMetric:
     def __init__(self, ignore_index: int = IGNORE_INDEX):
         self.ignore_index = ignore_index
         self.histogram = torch.zeros(self.BINS, dtype=torch.int64)
-        self.angle_sum = torch.zeros((), dtype=torch.float64)
+        self.angle_sum = torch.zeros((), dtype=torch.int64)  # fixed point, see fixed_point_sum
 
     def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
         valid = (label != self.ignore_index).all(dim=1)
         pred = F.normalize(prediction.float(), dim=1).permute(0, 2, 3, 1)[valid]
         gt = F.normalize(label.float(), dim=1).permute(0, 2, 3, 1)[valid]
-        angles = torch.rad2deg(torch.acos((pred * gt).sum(-1).clamp(-1, 1))).double()
-        self.angle_sum += angles.sum().cpu()
-        bins = (angles * 100).long().clamp(max=self.BINS - 1).cpu()
+        angles = torch.rad2deg(2 * torch.atan2((pred - gt).norm(dim=-1), (pred + gt).norm(dim=-1))).double()
+        angles = angles.cpu()
+        self.angle_sum = _add_checked(self.angle_sum, fixed_point_sum(angles, "normal angle"), "normals")
+        bins = (angles * 100).long().clamp(max=self.BINS - 1)
         self.histogram += torch.bincount(bins, minlength=self.BINS)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"histogram": self.histogram, "angle_sum": self.angle_sum}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.histogram, self.angle_sum = state["histogram"].long().cpu(), state["angle_sum"].double().cpu()
+        self.histogram, self.angle_sum = state["histogram"].long().cpu(), state["angle_sum"].long().cpu()
 
     def compute(self) -> dict[str, float]:
         n = int(self.histogram.sum())
@@ -128,12 +161,48 @@ class NormalsMetric:
         cumulative = self.histogram.cumsum(0)
         median_bin = int(torch.searchsorted(cumulative, (n + 1) // 2))
         return {
-            "mean": float(self.angle_sum / n),
+            "mean": float(self.angle_sum.double() / 2.0**FIXED_POINT_BITS / n),
             "median": (median_bin + 0.5) / 100,
             "within_11.25": float(cumulative[1124] / n * 100),
             "within_22.5": float(cumulative[2249] / n * 100),
             "within_30": float(cumulative[2999] / n * 100),
         }
+
+
+class SaliencyMetric:
+    """Saliency maxF (beta^2 = 0.3) over thresholds of the salient-class probability, from summed counts."""
+
+    def __init__(self, beta_squared: float = 0.3, ignore_index: int = IGNORE_INDEX):
+        self.beta_squared, self.ignore_index = beta_squared, ignore_index
+        self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference: 0.05 ... 0.95
+        self.counts = torch.zeros(3, len(self.thresholds), dtype=torch.int64)  # true pos, predicted pos, actual pos
+
+    def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
+        """`prediction`: logits (B, 2, H, W) (softmax, channel 1 = salient) or probabilities (B, [1,] H, W)."""
+        if prediction.dim() == 4 and prediction.shape[1] == 2:
+            probability = prediction.float().softmax(1)[:, 1]
+        else:
+            probability = prediction.float().reshape(prediction.shape[0], *prediction.shape[-2:])
+        label = label.reshape(probability.shape).cpu()
+        valid = label != self.ignore_index
+        probability, target = probability.cpu()[valid], label[valid].long()
+        predicted = probability[None, :] >= self.thresholds[:, None]  # (T, n)
+        self.counts += torch.stack([
+            (predicted & (target[None] == 1)).sum(1), predicted.sum(1), (target == 1).sum().expand(len(predicted)),
+        ])  # fmt: skip
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.counts}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.counts = state["counts"].long().cpu()
+
+    def compute(self) -> dict[str, float]:
+        true_positive, predicted, actual = self.counts.double()
+        precision, recall = true_positive / (predicted + 1e-8), true_positive / (actual + 1e-8)
+        f = (1 + self.beta_squared) * precision * recall / (self.beta_squared * precision + recall + 1e-8)
+        best = int(f.argmax())
+        return {"maxF": float(f[best] * 100), "threshold": round(float(self.thresholds[best]), 4)}
 
 
 class BoundaryMetric:
@@ -183,3 +252,74 @@ class BoundaryMetric:
         f = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
         best = int(f.argmax())
         return {"odsF_tol": float(f[best] * 100), "threshold": float(self.thresholds[best])}
+
+
+# Main metric per task, and whether lower is better (the Delta_m sign).
+MAIN_METRIC = {
+    "semseg": "mIoU",
+    "human_parts": "mIoU",
+    "depth": "rmse",
+    "normals": "mean",
+    "edge": "odsF",
+    "sal": "maxF",
+}
+LOWER_IS_BETTER = {"depth": True, "normals": True}
+# Single-task baselines reported by the SAK authors (DESIGN section 3), the default reference of Delta_m.
+SINGLE_TASK_BASELINES = {
+    "nyud_vitb": {"semseg": {"mIoU": 51.15}, "depth": {"rmse": 0.5792}, "normals": {"mean": 19.77},
+                  "edge": {"odsF": 77.35}},
+    "nyud_vitl": {"semseg": {"mIoU": 54.19}, "depth": {"rmse": 0.5560}, "normals": {"mean": 19.22},
+                  "edge": {"odsF": 78.09}},
+}  # fmt: skip
+
+
+def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | str) -> float:
+    """Multi-task gain over `baseline` in percent: the mean over tasks of the relative change of each task's main
+    metric, negated where lower is better. `baseline` is results of the same form or a SINGLE_TASK_BASELINES key;
+    tasks missing from either side are left out (NaN when none is shared)."""
+    if isinstance(baseline, str):
+        if baseline not in SINGLE_TASK_BASELINES:
+            raise ValueError(
+                f"unknown baseline {baseline!r}; known: {sorted(SINGLE_TASK_BASELINES)} or a results dict"
+            )
+        baseline = SINGLE_TASK_BASELINES[baseline]
+    terms = []
+    for task, metric in MAIN_METRIC.items():
+        ours, theirs = results.get(task, {}).get(metric), baseline.get(task, {}).get(metric)
+        if ours is not None and theirs is not None:
+            sign = -1.0 if LOWER_IS_BETTER.get(task) else 1.0
+            terms.append(sign * (ours - theirs) / theirs * 100)
+    return sum(terms) / len(terms) if terms else float("nan")
+
+
+BOUNDARY_MAX_DIST = {"nyud": 0.011, "pascal_context": 0.0075}
+
+
+def make_metrics(tasks: dict[str, int], ignore_index: int = IGNORE_INDEX, boundary: str = "bsds",
+                 boundary_max_dist: float | None = None, num_workers: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One accumulator per task. Boundaries: "bsds" (one-to-one matching after NMS, the paper's odsF) or "tolerance"
+    (quick); maxDist defaults to PASCAL-Context's 0.0075 when the tasks include human_parts or sal, else NYUD's 0.011."""
+    if boundary not in ("bsds", "tolerance"):
+        raise ValueError(f"boundary={boundary!r}: use 'bsds' (the paper's odsF) or 'tolerance' (quick monitoring)")
+    if boundary_max_dist is None:
+        pascal = {"human_parts", "sal"} & set(tasks)
+        boundary_max_dist = BOUNDARY_MAX_DIST["pascal_context" if pascal else "nyud"]
+    metrics: dict[str, Any] = {}
+    for task, channels in tasks.items():
+        if task in ("semseg", "human_parts"):
+            metrics[task] = SemsegMetric(channels, ignore_index)
+        elif task == "depth":
+            metrics[task] = DepthMetric()
+        elif task == "normals":
+            metrics[task] = NormalsMetric(ignore_index)
+        elif task == "sal":
+            metrics[task] = SaliencyMetric(ignore_index=ignore_index)
+        elif task == "edge" and boundary == "bsds":
+            from .boundaries import BoundaryODSMetric
+
+            metrics[task] = BoundaryODSMetric(boundary_max_dist, ignore_index=ignore_index, num_workers=num_workers)
+        elif task == "edge":
+            metrics[task] = BoundaryMetric(boundary_max_dist, ignore_index=ignore_index)
+        else:
+            raise ValueError(f"no metric for task {task!r}; known: semseg, human_parts, depth, normals, sal, edge")
+    return metrics

@@ -10,19 +10,30 @@ import torch
 from ..image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
-def _palette(num_classes: int) -> np.ndarray:
-    """A fixed, distinguishable colour per class (the NYUD-40 convention of bit-interleaved colours)."""
-    palette = np.zeros((max(num_classes, 256), 3), dtype=np.uint8)
-    for index in range(len(palette)):
-        value, r, g, b = index + 1, 0, 0, 0
+VOID_COLOUR = (224, 223, 192)  # ignored pixels, as the reference draws them
+
+
+def _bit_interleaved_colours(count: int, offset: int) -> np.ndarray:
+    """The PASCAL VOC colour map: the bits of `index + offset` spread over the high bits of R, G and B."""
+    colours = np.zeros((count, 3), dtype=np.uint8)
+    for index in range(count):
+        value, r, g, b = index + offset, 0, 0, 0
         for bit in range(8):
             r |= ((value >> 0) & 1) << (7 - bit)
             g |= ((value >> 1) & 1) << (7 - bit)
             b |= ((value >> 2) & 1) << (7 - bit)
             value >>= 3
-        palette[index] = (r, g, b)
-    palette[255] = (0, 0, 0)
-    return palette
+        colours[index] = (r, g, b)
+    return colours
+
+
+def palette(task: str, num_classes: int) -> np.ndarray:
+    """(256, 3) uint8 colours per id, as the reference draws them: NYUD-40 semseg uses the colour of id + 1 (its
+    0 is "unlabeled"), PASCAL semseg, human parts and other label sets the VOC colours of the id; 255 = void."""
+    offset = 1 if task == "semseg" and num_classes == 40 else 0
+    colours = _bit_interleaved_colours(256, offset)
+    colours[255] = VOID_COLOUR
+    return colours
 
 
 def colorize(task: str, value: torch.Tensor, num_classes: int = 40, depth_range: tuple[float, float] | None = None):
@@ -32,7 +43,7 @@ def colorize(task: str, value: torch.Tensor, num_classes: int = 40, depth_range:
     value = value.detach().float().cpu()
     if task in ("semseg", "human_parts"):
         ids = value.argmax(0) if value.dim() == 3 and value.shape[0] > 1 else value.reshape(value.shape[-2:])
-        return _palette(num_classes)[ids.long().clamp(0, 255).numpy()]
+        return palette(task, num_classes)[ids.long().clamp(0, 255).numpy()]
     if task == "depth":
         depth = value.reshape(value.shape[-2:]).numpy()
         valid = depth != 255
@@ -64,12 +75,24 @@ def denormalize(pixel_values: torch.Tensor) -> np.ndarray:
     return (image.clip(0, 1) * 255).astype(np.uint8)
 
 
+def _with_headers(grid: np.ndarray, headers: list[str], cell_width: int) -> np.ndarray:
+    """Grid with a white title strip above its columns."""
+    from PIL import Image, ImageDraw
+
+    strip = Image.new("RGB", (grid.shape[1], 16), "white")
+    draw = ImageDraw.Draw(strip)
+    for column, text in enumerate(headers):
+        draw.text((column * cell_width + 3, 2), text[: max(1, cell_width // 6)], fill="black")
+    return np.concatenate([np.asarray(strip), grid], axis=0)
+
+
 def prediction_grid(pixel_values, labels, task_outputs, path: str | Path, num_classes: int = 40, rows: int = 4):
-    """Save a PNG: per image, the input, then ground truth and prediction for every task."""
+    """Save a PNG: per image (row), the input, then ground truth (when given) and prediction for every task, under
+    a header naming each column."""
     from PIL import Image
 
     tasks = list(task_outputs)
-    lines = []
+    lines, headers = [], ["input"]
     for i in range(min(rows, pixel_values.shape[0])):
         cells = [denormalize(pixel_values[i])]
         for task in tasks:
@@ -80,11 +103,41 @@ def prediction_grid(pixel_values, labels, task_outputs, path: str | Path, num_cl
                 depth_range = (float(valid.min()), float(valid.max())) if valid.numel() else None
             if gt is not None:
                 cells.append(colorize(task, gt[i], num_classes, depth_range))
+                headers += [f"{task} truth"] if i == 0 else []
             cells.append(colorize(task, task_outputs[task][i], num_classes, depth_range))
+            headers += [f"{task} pred"] if i == 0 else []
         lines.append(np.concatenate(cells, axis=1))
-    grid = np.concatenate(lines, axis=0)
+    grid = _with_headers(np.concatenate(lines, axis=0), headers, lines[0].shape[1] // len(headers))
     Image.fromarray(grid).save(path)
     return path
+
+
+def save_task_pictures(image: np.ndarray | None, predictions: dict[str, torch.Tensor], directory: str | Path, stem: str,
+                       num_classes: dict[str, int] | None = None) -> list[Path]:  # fmt: skip
+    """Write one PNG per task (`{stem}_{task}.png`: palette ids, depth colour map, normals as RGB, boundary and
+    saliency probabilities in grey) and `{stem}_grid.png` (the image, if given, then every task side by side).
+
+    `predictions` are post-processed maps of one image (`SAKImageProcessor.post_process_multi_task`)."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written, cells, headers = [], [], []
+    if image is not None:
+        cells.append(np.asarray(image, dtype=np.uint8))
+        headers.append("input")
+    for task, value in predictions.items():
+        rgb = colorize(task, value, (num_classes or {}).get(task, 40))
+        path = directory / f"{stem}_{task}.png"
+        Image.fromarray(rgb).save(path)
+        written.append(path)
+        cells.append(rgb)
+        headers.append(task)
+    if cells and len({cell.shape for cell in cells}) == 1:
+        grid = _with_headers(np.concatenate(cells, axis=1), headers, cells[0].shape[1])
+        Image.fromarray(grid).save(directory / f"{stem}_grid.png")
+        written.append(directory / f"{stem}_grid.png")
+    return written
 
 
 def router_bar_chart(router_weights: dict[str, torch.Tensor], experts: list[str], path: str | Path):

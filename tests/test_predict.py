@@ -1,0 +1,52 @@
+"""predict CLI: any images -> per-task pictures at the original size, the model's own predictions, bad files named."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from modeling_sak import SAKForMultiTask, SAKImageProcessor
+from modeling_sak.evaluation.pictures import VOID_COLOUR, palette
+from modeling_sak.predict import main
+
+
+def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_files(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = SAKForMultiTask(tiny_config()).eval()
+    model.save_pretrained(tmp_path / "model")
+    SAKImageProcessor(pad_size=(64, 96)).save_pretrained(tmp_path / "model")
+    rng = np.random.default_rng(0)
+    first, second = rng.integers(0, 256, (50, 90, 3), np.uint8), rng.integers(0, 256, (70, 60, 3), np.uint8)
+    Image.fromarray(first).save(tmp_path / "kitchen.png")
+    Image.fromarray(second).save(tmp_path / "office.jpg", quality=95)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+
+    status = main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
+                   str(tmp_path / "kitchen.png"), str(tmp_path / "broken.png"), str(tmp_path / "office.jpg")])  # fmt: skip
+    assert status == 1 and "broken.png: cannot read the image" in capsys.readouterr().err
+    for stem, (height, width) in (("kitchen", (50, 90)), ("office", (70, 60))):
+        for task in ("semseg", "normals", "edge", "depth"):
+            assert Image.open(tmp_path / "out" / f"{stem}_{task}.png").size == (width, height)
+        grid = Image.open(tmp_path / "out" / f"{stem}_grid.png")
+        assert grid.size == (5 * width, height + 16)  # input + 4 tasks under a title strip
+    assert not list((tmp_path / "out").glob("broken*"))
+
+    # The semseg picture is the NYUD-40 palette of this model's argmax on the batch's common padded canvas.
+    processor = SAKImageProcessor(pad_size=(64, 96))
+    inputs = processor([first, second])
+    with torch.no_grad():
+        outputs = model(pixel_values=inputs["pixel_values"])
+    ids = processor.post_process_semantic_segmentation(outputs, inputs["original_sizes"], inputs["content_boxes"])[0]
+    expected = palette("semseg", 40)[ids.numpy()]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "kitchen_semseg.png")), expected)
+    depth = np.asarray(Image.open(tmp_path / "out" / "kitchen_depth.png"))
+    assert depth.shape == (50, 90, 3) and len(np.unique(depth.reshape(-1, 3), axis=0)) > 10  # a colour map
+
+
+def test_palettes_follow_the_reference():
+    nyud, voc = palette("semseg", 40), palette("human_parts", 7)
+    assert tuple(nyud[0]) == (128, 0, 0)  # NYUD class 0 is stored as 1: the colour of id 1
+    assert tuple(voc[0]) == (0, 0, 0) and tuple(voc[1]) == (128, 0, 0) and tuple(voc[15]) == (192, 128, 128)
+    assert tuple(nyud[255]) == VOID_COLOUR
