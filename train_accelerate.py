@@ -36,7 +36,7 @@ from modeling_sak.data.loading import (
 )
 from modeling_sak.data.toyrooms import CLASSES
 from modeling_sak.data.transforms import MultiTaskTransform, stage1_transform
-from modeling_sak.evaluation.metrics import MAIN_METRIC, delta_m
+from modeling_sak.evaluation.metrics import MAIN_METRIC, METRICS_VERSION, delta_m
 from modeling_sak.evaluation.pictures import prediction_grid, router_bar_chart
 from modeling_sak.model_card import render_model_card
 from modeling_sak.specialist_teachers import DEFAULT_CACHE, ensure_specialists, ensure_toyrooms
@@ -64,6 +64,7 @@ HELP = {
     "train_limit": "use only the first N training examples (none: all); the ToyRooms default trains the student on "
                    "200 labelled scenes while its teachers saw 2000, as VFMs see far more data than NYUD-v2",
     "eval_split": "split to evaluate on (empty: no evaluation)",
+    "eval_boundary": "edge metric: 'bsds' (the paper's odsF: NMS + one-to-one matching) or 'tolerance' (quick)",
     "streaming": "stream the dataset (Hub-scale data) instead of reading it as a local map-style dataset",
     "image_size": "training resolution H W (the crop size; the stem's position grid)",
     "tasks": "task -> output channels, as YAML/JSON (e.g. '{semseg: 40, depth: 1}')",
@@ -255,7 +256,8 @@ def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelera
                 os._exit(75)
             if recipe["eval_steps"] and step % recipe["eval_steps"] == 0 and recipe["eval_split"] and tasks:
                 eval_loader = make_loader(recipe, dataset, recipe["eval_split"], False, tasks, accelerator, 0)
-                results = evaluate(model, eval_loader, accelerator, accelerator.unwrap_model(model).config)
+                results = evaluate(model, eval_loader, accelerator, accelerator.unwrap_model(model).config,
+                                   recipe["eval_boundary"])  # fmt: skip
                 accelerator.log(
                     {f"{label}/eval/{t}/{m}": v for t, r in results.items() for m, v in r.items()}, step=step
                 )
@@ -279,7 +281,7 @@ def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelera
     unwrapped = accelerator.unwrap_model(model)
     if recipe["eval_split"] and tasks:
         eval_loader = make_loader(recipe, dataset, recipe["eval_split"], False, tasks, accelerator, 0)
-        results = evaluate(model, eval_loader, accelerator, unwrapped.config)
+        results = evaluate(model, eval_loader, accelerator, unwrapped.config, recipe["eval_boundary"])
         sample = next(iter(eval_loader))
         with torch.no_grad():
             unwrapped.eval()
@@ -342,7 +344,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"SAK": run}
     if recipe["baseline"] and teachers and recipe["stage"] == 2 and run["results"]:
         baseline_dir = output_dir / "baseline"
-        key = hashlib.sha256(yaml.safe_dump(baseline_recipe | {"output_dir": ""}).encode()).hexdigest()[:16]
+        # The key covers the recipe and the metric definitions, so a change of either retrains the baseline.
+        identity = baseline_recipe | {"output_dir": "", "metrics_version": METRICS_VERSION}
+        key = hashlib.sha256(yaml.safe_dump(identity).encode()).hexdigest()[:16]
         cache = Path(args.cache_dir) / f"baseline-{key}.json"
         if cache.exists() and not args.resume_from_checkpoint:
             runs["baseline"] = json.loads(cache.read_text())

@@ -29,6 +29,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "train_split": "train",
     "train_limit": 200,
     "eval_split": "test",
+    "eval_boundary": "bsds",
     "streaming": False,
     "image_size": [96, 128],
     "tasks": {"semseg": 7, "normals": 3, "edge": 1, "depth": 1},
@@ -103,6 +104,8 @@ def load_recipe(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
         recipe.update(layer)
     if recipe["stage"] not in (1, 2):
         raise ValueError(f"stage={recipe['stage']!r} must be 1 (distillation) or 2 (multi-task)")
+    if recipe["eval_boundary"] not in ("bsds", "tolerance"):
+        raise ValueError(f"eval_boundary={recipe['eval_boundary']!r} must be 'bsds' (the paper's odsF) or 'tolerance'")
     return recipe
 
 

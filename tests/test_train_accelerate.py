@@ -154,3 +154,5 @@ def test_unknown_recipe_keys_and_bad_values_fail_before_training(tmp_path):
         load_recipe(str(recipe), {})
     with pytest.raises(ValueError, match="stage=3"):
         load_recipe(None, {"stage": 3})
+    with pytest.raises(ValueError, match="eval_boundary='fast'"):
+        load_recipe(None, {"eval_boundary": "fast"})

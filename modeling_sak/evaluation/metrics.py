@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 
 IGNORE_INDEX = 255
+METRICS_VERSION = 2  # bumped whenever a definition changes (cached results of older versions are recomputed)
 FIXED_POINT_BITS = 24  # float statistics are summed as integers in units of 2^-24 (exact in any order)
 
 
