@@ -50,3 +50,14 @@ def test_palettes_follow_the_reference():
     assert tuple(nyud[0]) == (128, 0, 0)  # NYUD class 0 is stored as 1: the colour of id 1
     assert tuple(voc[0]) == (0, 0, 0) and tuple(voc[1]) == (128, 0, 0) and tuple(voc[15]) == (192, 128, 128)
     assert tuple(nyud[255]) == VOID_COLOUR
+
+
+def test_pictures_of_the_pascal_tasks():
+    from modeling_sak.evaluation.pictures import colorize
+
+    logits = torch.zeros(2, 4, 5)
+    logits[1, :2] = 5.0  # salient top half
+    grey = colorize("sal", logits)
+    assert grey.shape == (4, 5, 3) and grey[0, 0, 0] > 250 and grey[3, 0, 0] == 127
+    parts = colorize("human_parts", torch.tensor([[0, 1], [6, 255]]), num_classes=7)
+    assert tuple(parts[0, 1]) == (128, 0, 0) and tuple(parts[1, 1]) == VOID_COLOUR

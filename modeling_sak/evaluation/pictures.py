@@ -61,6 +61,8 @@ def colorize(task: str, value: torch.Tensor, num_classes: int = 40, depth_range:
         rgb = ((normals + 1) * 127.5).clip(0, 255).astype(np.uint8)
         rgb[invalid] = 0
         return rgb
+    if value.dim() == 3 and value.shape[0] == 2:  # two-class logits (sal): probability of class 1
+        value = value.softmax(0)[1]
     probability = value.reshape(value.shape[-2:])
     if probability.min() < 0 or probability.max() > 1.0 and (probability != 255).all():
         probability = probability.sigmoid()
