@@ -30,6 +30,7 @@ DEFAULT_RECIPE: dict[str, Any] = {
     "train_limit": 200,
     "eval_split": "test",
     "eval_boundary": "bsds",
+    "fast_path": False,
     "streaming": False,
     "image_size": [96, 128],
     "tasks": {"semseg": 7, "normals": 3, "edge": 1, "depth": 1},

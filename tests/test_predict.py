@@ -41,6 +41,11 @@ def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_fil
     ids = processor.post_process_semantic_segmentation(outputs, inputs["original_sizes"], inputs["content_boxes"])[0]
     expected = palette("semseg", 40)[ids.numpy()]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "kitchen_semseg.png")), expected)
+    # The bfloat16 fast path draws nearly the same classes.
+    assert main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "fast"), "--batch_size", "2",
+                 "--bf16", str(tmp_path / "kitchen.png"), str(tmp_path / "office.jpg")]) == 0  # fmt: skip
+    fast = np.asarray(Image.open(tmp_path / "fast" / "kitchen_semseg.png"))
+    assert (fast == expected).all(-1).mean() > 0.9
     depth = np.asarray(Image.open(tmp_path / "out" / "kitchen_depth.png"))
     assert depth.shape == (50, 90, 3) and len(np.unique(depth.reshape(-1, 3), axis=0)) > 10  # a colour map
 

@@ -56,7 +56,18 @@ def tiny_args(assets, output_dir, *extra) -> list[str]:
 def test_stage2_run_writes_a_remote_code_loadable_model_results_pictures_and_card(assets, tmp_path):
     output = tmp_path / "run"
     result = run(
-        tiny_args(assets, output, "--max_steps", "4", "--checkpointing_steps", "2", "--noisy_gating", "false")
+        tiny_args(
+            assets,
+            output,
+            "--max_steps",
+            "4",
+            "--checkpointing_steps",
+            "2",
+            "--noisy_gating",
+            "false",
+            "--fast_path",
+            "true",
+        )  # fmt: skip
     )
     assert "router weights" in result.stdout and "semseg mIoU" in result.stdout
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
