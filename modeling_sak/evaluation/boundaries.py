@@ -56,6 +56,8 @@ from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite
 from scipy.spatial import cKDTree
 from skimage.morphology import thin as _skimage_thin
 
+from .metrics import CountsMetric, best_f_measure
+
 
 IGNORE_INDEX = 255
 SEISM_THRESHOLDS: tuple[float, ...] = (0.001, *(round(k / 100, 2) for k in range(1, 100)), 0.999)
@@ -389,7 +391,7 @@ def _shutdown(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-class BoundaryODSMetric:
+class BoundaryODSMetric(CountsMetric):
     """BSDS / SEISM boundary odsF from 4 x T summed counts (see the module docstring for exactly what is computed).
 
     `update` takes boundary logits or probabilities (B, 1, H, W) and labels (B, 1, H, W) with 1 = edge, 0 = background,
@@ -465,23 +467,11 @@ class BoundaryODSMetric:
             counts[:, index % splits :: splits] += result
         self.counts += torch.from_numpy(counts)
 
-    def state(self) -> dict[str, torch.Tensor]:
-        """The summed counts, int64 (4, T): matched predicted, predicted, matched ground-truth, ground-truth pixels."""
-        return {"counts": self.counts}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the counts (e.g. by the sum of the states of several processes)."""
-        self.counts = state["counts"].long().cpu()
-
     def compute(self) -> dict[str, float]:
         """odsF, its threshold, precision and recall (in %) from the summed counts."""
-        counts = self.counts.double()
-        if counts[3].max() <= 0:
+        if self.counts[3].max() <= 0:
             return {"odsF": float("nan"), "threshold": float("nan"), "precision": float("nan"), "recall": float("nan")}
-        precision = counts[0] / counts[1].clamp(min=1)
-        recall = counts[2] / counts[3].clamp(min=1)
-        f = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-        best = int(f.argmax())
+        best, precision, recall, f = best_f_measure(self.counts)
         return {
             "odsF": float(f[best] * 100),
             "threshold": self.thresholds[best],

@@ -37,6 +37,30 @@ METRICS_VERSION = 2  # bumped whenever a definition changes (cached results of o
 FIXED_POINT_BITS = 24  # float statistics are summed as integers in units of 2^-24 (exact in any order)
 
 
+class CountsMetric:
+    """Base of the metrics whose whole state is one int64 `counts` tensor (summed across processes)."""
+
+    counts: torch.Tensor
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The summed counts."""
+        return {"counts": self.counts}
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the counts (e.g. by the sum of the states of several processes)."""
+        self.counts = state["counts"].long().cpu()
+
+
+def best_f_measure(counts: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Precision, recall and F per threshold of boundary counts (4, T): matched predicted, predicted, matched
+    ground-truth, ground-truth pixels (0 / 0 counts as 0), and the index of the best F."""
+    counts = counts.double()
+    precision = counts[0] / counts[1].clamp(min=1)
+    recall = counts[2] / counts[3].clamp(min=1)
+    f = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    return int(f.argmax()), precision, recall, f
+
+
 class SemsegMetric:
     """Confusion matrix -> mIoU (over all classes) and pixel accuracy. `update` takes ids (B, H, W) or logits."""
 
@@ -170,7 +194,7 @@ class NormalsMetric:
         }
 
 
-class SaliencyMetric:
+class SaliencyMetric(CountsMetric):
     """Saliency maxF (beta^2 = 0.3) over thresholds of the salient-class probability, from summed counts."""
 
     def __init__(self, beta_squared: float = 0.3, ignore_index: int = IGNORE_INDEX):
@@ -192,12 +216,6 @@ class SaliencyMetric:
             (predicted & (target[None] == 1)).sum(1), predicted.sum(1), (target == 1).sum().expand(len(predicted)),
         ])  # fmt: skip
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"counts": self.counts}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.counts = state["counts"].long().cpu()
-
     def compute(self) -> dict[str, float]:
         true_positive, predicted, actual = self.counts.double()
         precision, recall = true_positive / (predicted + 1e-8), true_positive / (actual + 1e-8)
@@ -206,7 +224,7 @@ class SaliencyMetric:
         return {"maxF": float(f[best] * 100), "threshold": round(float(self.thresholds[best]), 4)}
 
 
-class BoundaryMetric:
+class BoundaryMetric(CountsMetric):
     """Boundary F-measure at the optimal dataset-wide threshold (ODS), with a distance tolerance.
 
     For each threshold t in `thresholds`, a prediction pixel counts as correct when a ground-truth boundary pixel lies
@@ -240,18 +258,8 @@ class BoundaryMetric:
                     int((gt_edges & near_pred).sum()), int(gt_edges.sum()),
                 ])  # fmt: skip
 
-    def state(self) -> dict[str, torch.Tensor]:
-        return {"counts": self.counts}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.counts = state["counts"].long().cpu()
-
     def compute(self) -> dict[str, float]:
-        counts = self.counts.double()
-        precision = counts[0] / counts[1].clamp(min=1)
-        recall = counts[2] / counts[3].clamp(min=1)
-        f = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
-        best = int(f.argmax())
+        best, _, _, f = best_f_measure(self.counts)
         return {"odsF_tol": float(f[best] * 100), "threshold": float(self.thresholds[best])}
 
 
