@@ -99,9 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "metrics.json").write_text(json.dumps({"model": args.model, "dataset": args.dataset, "split": args.split,
-                                                             "processes": accelerator.num_processes,
-                                                             "metrics": results}, indent=2))  # fmt: skip
+        saved = {"model": args.model, "dataset": args.dataset, "split": args.split,
+                 "processes": accelerator.num_processes, "metrics": results}  # fmt: skip
+        (output_dir / "metrics.json").write_text(json.dumps(saved, indent=2))
         print(f"{'task':<12}{'metric':<16}{'value':>10}")
         for task, values in results.items():
             for metric, value in values.items():

@@ -12,11 +12,12 @@ One row per image, columns (all `datasets.Image` features, so the Hub viewer sho
 | `edge`    | 8-bit L PNG, 255 = boundary               | float32 (H, W) in [0, 1] (`v / 255`)               |
 
 Depth is stored as float32 TIFF rather than 16-bit millimetres: it is lossless, keeps sub-millimetre values and
-needs no scale convention. A normal of exactly zero ("no label here", e.g. PASCAL-Context pixels outside the classes its
-distilled normals are valid for) cannot survive `(n + 1) * 255 / 2` quantisation, so it is stored as the pixel (0, 0, 0)
-(which would otherwise mean the non-unit vector (-1, -1, -1)) and decoded back to zero; the transforms then mark
-zero-norm normals as ignored, as the reference does. Datasets may lack some task columns (e.g. PASCAL-Context has no depth; extra PASCAL
-columns `human_parts` (8-bit ids, 255 ignore) and `sal` (8-bit, 255 = salient) follow the same rules).
+needs no scale convention. A normal of exactly zero ("no label here", e.g. PASCAL-Context pixels outside the
+classes its distilled normals are valid for) cannot survive `(n + 1) * 255 / 2` quantisation, so it is stored as the
+pixel (0, 0, 0) (which would otherwise mean the non-unit vector (-1, -1, -1)) and decoded back to zero; the
+transforms then mark zero-norm normals as ignored, as the reference does. Datasets may lack some task columns (e.g.
+PASCAL-Context has no depth); the extra PASCAL columns `human_parts` (8-bit ids, 255 ignore) and `sal` (8-bit,
+255 = salient) follow the same rules.
 """
 
 from __future__ import annotations
