@@ -28,7 +28,7 @@ from transformers import AutoModel
 
 from .data.loading import MultiTaskStream, load_multitask_split
 from .data.transforms import MultiTaskTransform
-from .evaluation.metrics import SINGLE_TASK_BASELINES, delta_m
+from .evaluation.metrics import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
 from .evaluation.pictures import denormalize, prediction_grid, save_task_pictures
 from .image_processing_sak import SAKImageProcessor
 from .training import distributed_without_gpu, evaluate
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save_predictions", type=int, default=0, metavar="N", help="draw the first N images")
     parser.add_argument(
         "--boundary",
-        choices=["bsds", "tolerance"],
+        choices=BOUNDARY_KINDS,
         default="bsds",
         help="edge metric: bsds = the paper's odsF (default), tolerance = a quick approximation",
     )

@@ -71,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         chunk = images[start : start + args.batch_size]
         inputs = processor([array for _, array in chunk], return_tensors="pt")
         outputs = model(pixel_values=inputs["pixel_values"].to(args.device))
-        outputs.task_outputs = {task: value.float().cpu() for task, value in outputs.task_outputs.items()}
+        task_outputs = {task: value.float().cpu() for task, value in outputs.task_outputs.items()}
         results = processor.post_process_multi_task(
-            outputs, target_sizes=inputs["original_sizes"], content_boxes=inputs["content_boxes"]
+            task_outputs, target_sizes=inputs["original_sizes"], content_boxes=inputs["content_boxes"]
         )
         for (path, array), predictions in zip(chunk, results):
             files = save_task_pictures(array, predictions, args.output_dir, path.stem, dict(model.config.tasks))

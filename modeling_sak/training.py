@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 from transformers.utils import logging
 
 from .configuration_sak import SAKConfig
-from .evaluation.metrics import make_metrics
+from .evaluation.metrics import BOUNDARY_KINDS, make_metrics
 from .modeling_sak import SAKForMultiTask, resize_position_embeddings
 
 
@@ -83,8 +84,6 @@ RECIPE_BASE: dict[str, Any] = DEFAULT_RECIPE | {"train_limit": None, "baseline":
 def distributed_without_gpu() -> bool:
     """True when several processes were launched (torchrun, accelerate launch) on a machine without a GPU: then
     `Accelerator(cpu=True)` is needed for them to form a gloo group instead of each running alone."""
-    import os
-
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
@@ -105,7 +104,7 @@ def load_recipe(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
         recipe.update(layer)
     if recipe["stage"] not in (1, 2):
         raise ValueError(f"stage={recipe['stage']!r} must be 1 (distillation) or 2 (multi-task)")
-    if recipe["eval_boundary"] not in ("bsds", "tolerance"):
+    if recipe["eval_boundary"] not in BOUNDARY_KINDS:
         raise ValueError(f"eval_boundary={recipe['eval_boundary']!r} must be 'bsds' (the paper's odsF) or 'tolerance'")
     return recipe
 

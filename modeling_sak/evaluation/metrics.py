@@ -301,18 +301,19 @@ def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, 
     return sum(terms) / len(terms) if terms else float("nan")
 
 
-BOUNDARY_MAX_DIST = {"nyud": 0.011, "pascal_context": 0.0075}
+BOUNDARY_KINDS = ("bsds", "tolerance")  # the paper's odsF; a quick tolerance-based F for monitoring
+BOUNDARY_MAX_DIST = {"nyud_v2": 0.011, "pascal_context": 0.0075}  # per task preset (configuration_sak.TASK_PRESETS)
 
 
 def make_metrics(tasks: dict[str, int], ignore_index: int = IGNORE_INDEX, boundary: str = "bsds",
                  boundary_max_dist: float | None = None, num_workers: int | None = None) -> dict[str, Any]:  # fmt: skip
     """One accumulator per task. Boundaries: "bsds" (one-to-one matching after NMS, the paper's odsF) or "tolerance"
     (quick); maxDist defaults to PASCAL-Context's 0.0075 when the tasks include human_parts or sal, else NYUD's 0.011."""
-    if boundary not in ("bsds", "tolerance"):
+    if boundary not in BOUNDARY_KINDS:
         raise ValueError(f"boundary={boundary!r}: use 'bsds' (the paper's odsF) or 'tolerance' (quick monitoring)")
     if boundary_max_dist is None:
         pascal = {"human_parts", "sal"} & set(tasks)
-        boundary_max_dist = BOUNDARY_MAX_DIST["pascal_context" if pascal else "nyud"]
+        boundary_max_dist = BOUNDARY_MAX_DIST["pascal_context" if pascal else "nyud_v2"]
     metrics: dict[str, Any] = {}
     for task, channels in tasks.items():
         if task in ("semseg", "human_parts"):

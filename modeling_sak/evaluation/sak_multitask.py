@@ -27,16 +27,9 @@ import evaluate
 import numpy as np
 import torch
 
+from modeling_sak.configuration_sak import TASK_PRESETS
 from modeling_sak.evaluation.metrics import BOUNDARY_MAX_DIST, delta_m, make_metrics
 
-
-_CONFIGS = {
-    "nyud_v2": {"tasks": {"semseg": 40, "normals": 3, "edge": 1, "depth": 1}, "max_dist": BOUNDARY_MAX_DIST["nyud"]},
-    "pascal_context": {
-        "tasks": {"semseg": 21, "human_parts": 7, "normals": 3, "edge": 1, "sal": 2},
-        "max_dist": BOUNDARY_MAX_DIST["pascal_context"],
-    },
-}
 
 _CITATION = """@inproceedings{lu2025sak,
   title={Swiss Army Knife: Synergizing Biases in Knowledge from Vision Foundation Models for Multi-Task Learning},
@@ -63,12 +56,12 @@ class SakMultitask(evaluate.Metric):
 
     def __init__(self, *args, tasks: dict[str, int] | None = None, boundary: str = "bsds", **kwargs):
         super().__init__(*args, **kwargs)
-        if tasks is None and self.config_name not in _CONFIGS:
+        if tasks is None and self.config_name not in TASK_PRESETS:
             raise ValueError(
-                f"unknown configuration {self.config_name!r}: use one of {sorted(_CONFIGS)} or pass tasks={{...}}"
+                f"unknown configuration {self.config_name!r}: use one of {sorted(TASK_PRESETS)} or pass tasks={{...}}"
             )
-        setup = _CONFIGS.get(self.config_name, {})
-        self.tasks, self.boundary, self.max_dist = dict(tasks or setup["tasks"]), boundary, setup.get("max_dist")
+        self.tasks = dict(tasks or TASK_PRESETS[self.config_name]["tasks"])
+        self.boundary, self.max_dist = boundary, BOUNDARY_MAX_DIST.get(self.config_name)
         self._reset()
 
     def _reset(self) -> None:
