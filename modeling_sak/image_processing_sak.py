@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.utils import logging
+
+
+try:
+    from PIL import Image as PILImage
+except ImportError:  # pragma: no cover - PIL is a transformers vision dependency
+    PILImage = None
 
 
 logger = logging.get_logger(__name__)
@@ -16,37 +24,136 @@ IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
 PAD_MODES = ("center", "bottom_right")
 
 
-def _to_chw_float(image, index: int) -> torch.Tensor:
-    """One image (PIL, HWC/CHW numpy or torch, grayscale/RGB/RGBA) -> (3, H, W) float32 in its own value range."""
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - PIL is a transformers vision dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    if isinstance(image, np.ndarray):
-        image = torch.from_numpy(
-            np.array(image, copy=True) if not image.flags.writeable else np.ascontiguousarray(image)
-        )
-    if not isinstance(image, torch.Tensor):
+# PIL modes and how they become the (height, width, 3) uint8 RGB a SAK model reads (see `to_rgb_array`).
+PHOTO_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "RGBA", "RGBa")
+ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
+
+
+def _value_range(values: np.ndarray) -> str:
+    if values.size == 0:
+        return "none"
+    low, high = np.nanmin(values), np.nanmax(values)
+    return f"{low:g}..{high:g}" if np.issubdtype(values.dtype, np.floating) else f"{int(low)}..{int(high)}"
+
+
+def to_rgb_array(image: PILImage.Image, source: str = "image") -> np.ndarray:
+    """A PIL image as the `(height, width, 3)` uint8 RGB array a SAK model reads; `ValueError` naming `source`, the
+    mode and what is expected for anything that is not an 8-bit photo.
+
+    The rules (shared by `SAKImageProcessor`, `predict` and the dataset converters):
+    - `RGB`; `L` and `1` (grayscale, replicated to 3 channels; `1` is 0 or 255); `P` (palette looked up); `RGBX`,
+      `CMYK`, `YCbCr`, `LAB`, `HSV` (PIL's conversion, no colour management): converted to RGB.
+    - Transparency (`RGBA`, `RGBa`, `LA`, `PA`, or a `transparency` key such as a palette PNG's): composited onto a
+      white background, as `transformers.image_transforms.convert_to_rgb` does:
+      `round(c * a / 255 + 255 * (1 - a / 255))` per channel.
+    - `I;16*`, `I` and `F` (16-bit, 32-bit integer or float single-channel: depth and disparity maps) and any other
+      mode are rejected: their values have no 8-bit photo meaning.
+    """
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;"):
+        bits = "32-bit float" if mode == "F" else "16-bit" if mode.startswith("I;16") else "32-bit integer"
         raise ValueError(
-            f"image {index} has type {type(image).__name__}; give PIL images, numpy arrays or torch tensors"
+            f"{source}: mode {mode} ({bits} single channel, values {_value_range(np.asarray(image))}) is not a "
+            "photo; SAK expects an 8-bit RGB or grayscale photo, and this looks like a depth or disparity map. A "
+            "high-bit-depth grayscale photo must be scaled to 8 bits first"
         )
-    if image.dim() == 2:
+    if mode not in PHOTO_MODES:
+        raise ValueError(
+            f"{source}: mode {mode} is not supported; SAK expects an 8-bit photo in one of the modes "
+            f"{', '.join(PHOTO_MODES)}"
+        )
+    if mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
+        alpha = rgba[..., 3:] / 255.0
+        return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    return np.asarray(image.convert("RGB"))
+
+
+def load_rgb_image(path: str | os.PathLike) -> np.ndarray:
+    """An image file as `(height, width, 3)` uint8 RGB by the rules of `to_rgb_array`; `ValueError` naming the file
+    when it cannot be read or is not an 8-bit photo."""
+    try:
+        image = PILImage.open(path)
+        image.load()
+    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
+        raise ValueError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from error
+    with image:
+        return to_rgb_array(image, str(path))
+
+
+def _format_factor(factor: float) -> str:
+    inverse = 1 / factor
+    return f"1/{round(inverse)}" if abs(inverse - round(inverse)) < 1e-6 else f"{factor:g}"
+
+
+def _to_chw_float(image, index: int, full_scale: float | None, rescale_rule: str) -> torch.Tensor:
+    """One image (PIL, HWC/CHW numpy or torch, 1-4 channels) -> (3, H, W) float32 in its own value range.
+
+    PIL images follow `to_rgb_array`. Arrays carry no mode, so they are taken as photos on the scale the options
+    expect (`full_scale`: 255 with the default rescale, 1 with `do_rescale=False`, unchecked when neither rescaling
+    nor normalising): 1 channel is grayscale, 2 grayscale + alpha, 3 RGB, 4 RGBA, with alpha composited onto white.
+    """
+    name = f"image {index}"
+    if PILImage is not None and isinstance(image, PILImage.Image):
+        filename = getattr(image, "filename", "")
+        image = to_rgb_array(image, f"{name} ({filename})" if filename else name)
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()
+        image = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name} has type {type(image).__name__}; give PIL images, numpy arrays or torch tensors")
+    if image.dtype.kind not in "uif":
+        raise ValueError(f"{name} has dtype {image.dtype}; give uint8 photos (or float ones, see do_rescale)")
+    if image.ndim == 2:
         image = image[None]
-    if image.dim() != 3:
-        raise ValueError(f"image {index} has shape {tuple(image.shape)}; expected (H, W), (H, W, C) or (C, H, W)")
-    if image.shape[0] not in (1, 3, 4) and image.shape[-1] in (1, 3, 4):
-        image = image.permute(2, 0, 1)
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1)
-    elif image.shape[0] == 4:
-        image = image[:3]
-    elif image.shape[0] != 3:
-        raise ValueError(f"image {index} has shape {tuple(image.shape)}: no 1, 3 or 4 channel axis found")
+    if image.ndim != 3:
+        raise ValueError(f"{name} has shape {tuple(image.shape)}; expected (H, W), (H, W, C) or (C, H, W)")
+    if image.shape[0] not in (1, 2, 3, 4) and image.shape[-1] in (1, 2, 3, 4):
+        image = np.moveaxis(image, -1, 0)
+    elif image.shape[0] in (1, 2, 3, 4) and image.shape[-1] in (1, 2, 3, 4):
+        logger.warning(f"{name} has shape {tuple(image.shape)}: the channel axis is ambiguous; taken as (C, H, W)")
+    if image.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(f"{name} has shape {tuple(image.shape)}: no 1, 2, 3 or 4 channel axis found")
     if min(image.shape[-2:]) == 0:
-        raise ValueError(f"image {index} is empty: shape {tuple(image.shape)}")
-    return image.float()
+        raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
+    is_float = image.dtype.kind == "f"
+    if full_scale is not None:
+        if is_float and not np.isfinite(image).all():
+            raise ValueError(f"{name} has NaN or infinite values")
+        low, high = image.min(), image.max()
+        if low < 0 or high > full_scale:
+            slightly_out = is_float and low >= -0.05 * full_scale and high <= 1.05 * full_scale
+            if is_float and low < 0 and (not slightly_out or high <= 0.05 * full_scale):
+                hint = "negative values: an already normalised image? Pass do_rescale=False, do_normalize=False"
+            elif slightly_out:
+                hint = f"clip it to 0..{full_scale:g} (resampling can overshoot a photo's range slightly)"
+            elif full_scale <= 1 and high <= 255:
+                hint = "for 0..255 photos keep do_rescale=True"
+            else:
+                hint = (
+                    "this looks like a depth or disparity map, not a photo; give an 8-bit RGB or grayscale photo (a "
+                    "photo of another range needs rescale_factor = 1 / its maximum)"
+                )
+            raise ValueError(
+                f"{name}: {image.dtype} values {_value_range(image)} lie outside 0..{full_scale:g}, which "
+                f"{rescale_rule} expects; {hint}"
+            )
+        if is_float and full_scale > 1 and 0 < high <= 1:
+            logger.warning_once(
+                "It looks like you are trying to rescale already rescaled images (float values in [0, 1] with "
+                "do_rescale=True). If the input images have pixel values between 0 and 1, set do_rescale=False to "
+                "avoid rescaling them again."
+            )
+    tensor = torch.from_numpy(np.array(image, dtype=np.float32))
+    if tensor.shape[0] in (2, 4):  # composite the alpha channel onto white, as for PIL images
+        white = full_scale if full_scale is not None else (1.0 if is_float else 255.0)
+        alpha = tensor[-1:] / white
+        tensor = tensor[:-1] * alpha + white * (1 - alpha)
+        if not is_float:
+            tensor = tensor.round()
+    if tensor.shape[0] == 1:
+        tensor = tensor.expand(3, -1, -1)
+    return tensor
 
 
 class SAKImageProcessor(BaseImageProcessor):
@@ -57,6 +164,16 @@ class SAKImageProcessor(BaseImageProcessor):
     Preprocessing: optional resize, rescale to [0, 1], ImageNet mean/std normalisation, then zero padding (after
     normalisation) to a common canvas of at least `pad_size`, rounded up to a multiple of `size_divisor`. The
     reference pads NYUD-v2 images centred into 448 x 576 (`pad_mode="center"`).
+
+    Inputs are checked at the door. PIL images follow `to_rgb_array`: 8-bit photos of any common mode become RGB
+    (grayscale replicated, palettes looked up, CMYK/YCbCr converted, transparency composited onto white), while 16-bit,
+    32-bit and float single-channel images (modes `I;16`, `I`, `F`: depth and disparity maps) raise a `ValueError`
+    naming the image (and its file), its mode and its values. Numpy arrays and torch tensors, `(H, W)`, `(H, W, C)` or
+    `(C, H, W)` with 1 (grayscale), 2 (grayscale + alpha), 3 (RGB) or 4 (RGBA) channels, must hold values in 0..255
+    with the default `do_rescale=True, rescale_factor=1/255` (0..1/`rescale_factor` in general) and in 0..1 with
+    `do_rescale=False`; anything else (a uint16 depth map, an already normalised
+    image) raises a `ValueError` with the fix, and float values all within [0, 1] with `do_rescale=True` log the
+    transformers "already rescaled" warning. With `do_rescale=False, do_normalize=False` arrays are taken as given.
 
     Args:
         do_resize (`bool`, *optional*, defaults to `False`): resize every image to `size` first.
@@ -132,9 +249,17 @@ class SAKImageProcessor(BaseImageProcessor):
             )
         if not images:
             raise ValueError("no images given")
+        if options["do_rescale"]:
+            if not options["rescale_factor"] or options["rescale_factor"] <= 0:
+                raise ValueError(f"rescale_factor={options['rescale_factor']!r} must be positive (1/255 for 8-bit)")
+            full_scale = 1 / options["rescale_factor"]
+            rescale_rule = f"do_rescale=True with rescale_factor={_format_factor(options['rescale_factor'])}"
+        else:
+            full_scale = 1.0 if options["do_normalize"] else None
+            rescale_rule = "do_rescale=False"
         tensors, original_sizes = [], []
         for index, image in enumerate(images):
-            tensor = _to_chw_float(image, index)
+            tensor = _to_chw_float(image, index, full_scale, rescale_rule)
             original_sizes.append(tuple(tensor.shape[-2:]))
             if options["do_resize"]:
                 size = self._check_size(options["size"], "size")

@@ -6,8 +6,12 @@ For each image `NAME.ext`, writes `NAME_{task}.png` per task (semseg / human_par
 as a colour map, normals as RGB, boundaries and saliency as grey probabilities) and `NAME_grid.png` (the image and all
 tasks side by side), at the image's original size: the processor normalises and pads as in evaluation, and the
 post-processing crops the padding away. With `--batch_size` > 1, images of different sizes share one padded canvas,
-which changes their predictions slightly (the stem attends over the whole canvas). An unreadable image is reported by name and skipped; the others are still
-written, and the exit status is 1.
+which changes their predictions slightly (the stem attends over the whole canvas).
+
+Images are read as 8-bit RGB photos: grayscale is replicated to 3 channels, palette/CMYK/YCbCr images are converted and
+transparency is composited onto white. A file that cannot be read, or is not a photo (a 16-bit, 32-bit or float
+single-channel image such as a depth map, mode I;16, I or F), is reported by name, mode and values and skipped; the
+others are still written, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -18,22 +22,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from transformers import AutoImageProcessor, AutoModel
 
 from .evaluation.pictures import save_task_pictures
+from .image_processing_sak import load_rgb_image
 
 
 def load_images(paths: list[str]) -> tuple[list[tuple[Path, np.ndarray]], list[str]]:
-    """(path, RGB uint8 array) for every readable image, and a message per unreadable one."""
+    """(path, RGB uint8 array) for every readable photo, and a message per file that is unreadable or not a photo
+    (`load_rgb_image`'s rules: e.g. a 16-bit depth PNG is refused, an RGBA PNG is composited onto white)."""
     images, errors = [], []
     for name in paths:
-        path = Path(name)
         try:
-            with Image.open(path) as image:
-                images.append((path, np.asarray(image.convert("RGB"))))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            errors.append(f"{path}: cannot read the image ({type(error).__name__}: {error})")
+            images.append((Path(name), load_rgb_image(name)))
+        except ValueError as error:
+            errors.append(str(error))
     return images, errors
 
 
@@ -53,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.no_grad()
+@torch.inference_mode()  # with `.eval()` below: eval-mode outputs and no autograd, as every evaluation path
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1:

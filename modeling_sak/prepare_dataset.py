@@ -8,6 +8,10 @@
     # ToyRooms, generated (no download):
     python -m modeling_sak.prepare_dataset toyrooms --output_dir toyrooms [--num_train 2000 --num_test 200]
 
+Example images are read by `image_processing_sak.load_rgb_image`'s rules (grayscale replicated, palette and CMYK
+converted, transparency composited onto white); an image that is not an 8-bit photo (a 16-bit or float single-channel
+map such as a depth PNG) stops the conversion with an error naming the file and its mode.
+
 The output folder loads with `datasets.load_dataset(output_dir)` (add `streaming=True` to stream it) and with
 `modeling_sak.data.loading.load_multitask_split`. See `modeling_sak.data.schema` for the columns.
 """
@@ -28,6 +32,7 @@ from tqdm.auto import tqdm
 
 from .data import toyrooms
 from .data.schema import encode_example, features_for
+from .image_processing_sak import load_rgb_image
 
 
 NYUD_SPLITS = {"train": "train.txt", "test": "val.txt"}
@@ -150,6 +155,15 @@ def _find(folder: Path, example_id: str, suffixes: tuple[str, ...]) -> Path | No
     return None
 
 
+def _read_photo(path: Path, example_id: str) -> np.ndarray:
+    """The RGB image of an example by the package's one set of image rules (`load_rgb_image`): 8-bit photos of any
+    common mode are converted, anything else (a 16-bit depth PNG in images/, say) fails naming the file and its mode."""
+    try:
+        return load_rgb_image(path)
+    except ValueError as error:
+        raise ValueError(f"{example_id}: {error}") from error
+
+
 def _nyud_row(source: Path, example_id: str) -> dict[str, Any]:
     paths = {
         "image": _find(source / "images", example_id, (".png", ".jpg")),
@@ -161,8 +175,8 @@ def _nyud_row(source: Path, example_id: str) -> dict[str, Any]:
     missing = [name for name, path in paths.items() if path is None]
     if missing:
         raise FileNotFoundError(f"{example_id}: missing {', '.join(missing)}")
+    image = _read_photo(paths["image"], example_id)
     try:
-        image = np.asarray(Image.open(paths["image"]).convert("RGB"))
         raw_semseg = np.asarray(Image.open(paths["semseg"]), dtype=np.int64)
         normals = np.asarray(Image.open(paths["normals"]).convert("RGB"), dtype=np.float32) * (2 / 255) - 1
         edge = np.asarray(Image.open(paths["edge"]).convert("L"), dtype=np.float32) / 255
@@ -321,8 +335,8 @@ def _pascal_row(source: Path, example_id: str, valid_classes: set[int], num_clas
     from scipy.io import loadmat
 
     paths = _pascal_paths(source, example_id)
+    image = _read_photo(paths["image"], example_id)
     try:
-        image = np.asarray(Image.open(paths["image"]).convert("RGB"))
         semseg = np.asarray(Image.open(paths["semseg"]), dtype=np.int64)
         label_map = np.asarray(loadmat(paths["context"])["LabelMap"])
         parts = human_parts_label(loadmat(paths["human_parts"]), image.shape[:2])

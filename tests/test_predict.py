@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from conftest import tiny_config
 from PIL import Image
+from test_image_processing_sak import REAL_NYU_DEPTH, depth_like_modes, photo_modes
 
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
 from modeling_sak.evaluation.pictures import VOID_COLOUR, palette
@@ -25,7 +31,7 @@ def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_fil
 
     status = main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
                    str(tmp_path / "kitchen.png"), str(tmp_path / "broken.png"), str(tmp_path / "office.jpg")])  # fmt: skip
-    assert status == 1 and "broken.png: cannot read the image" in capsys.readouterr().err
+    assert status == 1 and "broken.png: cannot read the image (UnidentifiedImageError" in capsys.readouterr().err
     for stem, (height, width) in (("kitchen", (50, 90)), ("office", (70, 60))):
         for task in ("semseg", "normals", "edge", "depth"):
             assert Image.open(tmp_path / "out" / f"{stem}_{task}.png").size == (width, height)
@@ -66,3 +72,42 @@ def test_pictures_of_the_pascal_tasks():
     assert grey.shape == (4, 5, 3) and grey[0, 0, 0] > 250 and grey[3, 0, 0] == 127
     parts = colorize("human_parts", torch.tensor([[0, 1], [6, 255]]), num_classes=7)
     assert tuple(parts[0, 1]) == (128, 0, 0) and tuple(parts[1, 1]) == VOID_COLOUR
+
+
+def test_predict_cli_reads_every_photo_mode_by_the_rules_and_refuses_depth_maps_by_name(tmp_path):
+    """Through the real command: every photo mode is drawn as its documented RGB, every non-photo is named and skipped."""
+    torch.manual_seed(0)
+    SAKForMultiTask(tiny_config()).eval().save_pretrained(tmp_path / "model")
+    SAKImageProcessor(pad_size=(16, 16)).save_pretrained(tmp_path / "model")
+    files, expected, refused = [], {}, {}
+    for mode, (image, rgb) in photo_modes().items():
+        stem = mode.replace("+", "_").replace(";", "_")
+        path = tmp_path / (f"{stem}.tif" if mode in ("CMYK", "YCbCr") else f"{stem}.png")
+        image.save(path)
+        files.append(path)
+        expected[stem] = rgb
+    for mode, (image, description) in depth_like_modes().items():
+        path = tmp_path / ("depth_16.png" if mode == "I;16" else f"depth_{mode}.tif")
+        image.save(path)
+        files.append(path)
+        refused[path] = description
+    if REAL_NYU_DEPTH.is_file():  # the real NYU sync depth frame, when this machine has it (not redistributable)
+        files.append(REAL_NYU_DEPTH)
+        refused[REAL_NYU_DEPTH] = "mode I;16 (16-bit single channel, values 0..6625)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_sak.predict", "--model", str(tmp_path / "model"), "--device", "cpu",
+         "--output_dir", str(tmp_path / "out"), *map(str, files)],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    for path, description in refused.items():
+        assert f"skipped {path}: {description} is not a photo; SAK expects an 8-bit RGB or grayscale photo" in (
+            result.stderr
+        )
+        assert not list((tmp_path / "out").glob(f"{path.stem}_*"))
+    assert f"wrote {5 * len(expected)} pictures for {len(expected)} image(s)" in result.stdout
+    for stem, rgb in expected.items():
+        grid = np.asarray(Image.open(tmp_path / "out" / f"{stem}_grid.png"))
+        np.testing.assert_array_equal(grid[16:, : rgb.shape[1]], rgb, err_msg=stem)  # the input panel: what was run
+        assert Image.open(tmp_path / "out" / f"{stem}_depth.png").size == (rgb.shape[1], rgb.shape[0])

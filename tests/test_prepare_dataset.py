@@ -93,12 +93,34 @@ def test_missing_files_are_all_listed_before_anything_is_written(tmp_path):
 def test_unreadable_and_mismatched_files_name_the_example(tmp_path):
     write_fake_nyud(tmp_path / "NYUD")
     (tmp_path / "NYUD" / "images" / "0011.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="0011: unreadable file"):
+    with pytest.raises(ValueError, match=r"0011: .*images/0011.png: cannot read the image \(UnidentifiedImageError"):
         main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
     write_fake_nyud(tmp_path / "NYUD2")
     np.save(tmp_path / "NYUD2" / "depth" / "0003.npy", np.ones((10, 10), np.float32))
     with pytest.raises(ValueError, match=r"0003: depth is \(10, 10\) but the image is \(24, 32\)"):
         main(["nyud", "--source", str(tmp_path / "NYUD2"), "--output_dir", str(tmp_path / "out2")])
+
+
+def test_an_image_that_is_not_a_photo_names_the_file_and_its_mode(tmp_path):
+    write_fake_nyud(tmp_path / "NYUD")
+    depth_mm = np.full(SIZE, 1500, np.uint16)
+    depth_mm[0, 0], depth_mm[1, 1] = 0, 6625  # a NYU sync depth PNG put among the images
+    Image.fromarray(depth_mm).save(tmp_path / "NYUD" / "images" / "0007.png")
+    path = tmp_path / "NYUD" / "images" / "0007.png"
+    with pytest.raises(ValueError, match=rf"^0007: {path}: mode I;16 \(16-bit single channel, values 0..6625\) is "
+                       "not a photo; SAK expects an 8-bit RGB or grayscale photo"):  # fmt: skip
+        main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
+    # A photo in another mode is converted by the documented rule: RGBA composited onto white.
+    files = write_fake_nyud(tmp_path / "NYUD2")
+    alpha = np.random.default_rng(1).integers(0, 256, SIZE, dtype=np.uint8)
+    rgba = Image.fromarray(np.dstack([files["0001"]["image"], alpha]), "RGBA")
+    rgba.save(tmp_path / "NYUD2" / "images" / "0001.png")
+    main(["nyud", "--source", str(tmp_path / "NYUD2"), "--output_dir", str(tmp_path / "out2")])
+    row = load_dataset(str(tmp_path / "out2"), split="test")[0]
+    a = alpha[..., None] / 255
+    expected = np.round(files["0001"]["image"] * a + 255 * (1 - a)).astype(np.uint8)
+    assert row["id"] == "0001" and row["image"].mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(row["image"]), expected)
 
 
 def test_push_to_hub_uploads_the_dataset_folder(tmp_path, monkeypatch):
@@ -123,6 +145,12 @@ def test_push_to_hub_uploads_the_dataset_folder(tmp_path, monkeypatch):
     assert calls[1]["repo_type"] == "dataset" and calls[1]["folder_path"] == str(tmp_path / "out")
 
 
+def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
 def write_with_a_bad_row(tmp_path):
     main(
         [
@@ -130,7 +158,7 @@ def write_with_a_bad_row(tmp_path):
             "--output_dir",
             str(tmp_path / "toy"),
             "--num_train",
-            "4",
+            "6",
             "--num_test",
             "2",
             "--size",
@@ -142,9 +170,10 @@ def write_with_a_bad_row(tmp_path):
     table = pq.read_table(path)
     rows = table.to_pylist()
     rows[1]["image"] = {"bytes": b"corrupt", "path": None}  # undecodable image
-    buffer = io.BytesIO()
-    Image.new("L", (5, 5)).save(buffer, format="PNG")
-    rows[2]["depth"] = {"bytes": buffer.getvalue(), "path": None}  # label of the wrong size
+    rows[2]["depth"] = {"bytes": png_bytes(Image.new("F", (5, 5)), "TIFF"), "path": None}  # label of the wrong size
+    depth_mm = np.full((32, 48), 6625, np.uint16)
+    rows[3]["image"] = {"bytes": png_bytes(Image.fromarray(depth_mm)), "path": None}  # a 16-bit depth map as image
+    rows[4]["depth"] = {"bytes": png_bytes(Image.fromarray(depth_mm)), "path": None}  # millimetres, not metres
     pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), path)
     return tmp_path / "toy"
 
@@ -155,8 +184,11 @@ def test_bad_rows_are_skipped_and_counted_in_training_and_fatal_in_evaluation(tm
     stream = MultiTaskStream(split, MultiTaskTransform(train=True, size=(32, 48)), NYUD_TASKS, train=True)
     batches = list(torch.utils.data.DataLoader(stream, batch_size=2, collate_fn=stream.collate))
     skipped = [entry for batch in batches for entry in batch["skipped"]]
-    assert len(skipped) == 2 and sum(len(b["ids"]) for b in batches) == 2
-    assert "toyrooms-0-000001" in skipped[0] and "toyrooms-0-000002" in skipped[1] and "depth is (5, 5)" in skipped[1]
+    assert len(skipped) == 4 and sum(len(b["ids"]) for b in batches) == 2
+    assert "row 'toyrooms-0-000001': cannot decode image (UnidentifiedImageError" in skipped[0]
+    assert "toyrooms-0-000002" in skipped[1] and "depth is (5, 5)" in skipped[1]
+    assert "row 'toyrooms-0-000003': image: mode I;16 (16-bit single channel, values 6625..6625)" in skipped[2]
+    assert "row 'toyrooms-0-000004': depth is stored in mode I;16; the schema stores it in mode F" in skipped[3]
     evaluation = MultiTaskStream(split, MultiTaskTransform(train=False, size=(32, 48)), NYUD_TASKS, train=False)
     with pytest.raises(ValueError, match="bad evaluation row 'toyrooms-0-000001'"):
         list(evaluation)

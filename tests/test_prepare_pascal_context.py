@@ -180,6 +180,14 @@ def test_missing_and_bad_pascal_files_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"2008_000007: semseg has ids \[30\] outside 0..20 and 255"):
         main(["pascal_context", "--source", str(tmp_path / "R"), "--output_dir", str(tmp_path / "out")])
 
+    write_fake_pascal(tmp_path / "T")  # a 16-bit single-channel map where the photo should be
+    (tmp_path / "T" / "JPEGImages" / "2008_000002.jpg").unlink()
+    path = tmp_path / "T" / "JPEGImages" / "2008_000002.png"
+    Image.fromarray(np.arange(SIZE[0] * SIZE[1], dtype=np.uint16).reshape(SIZE) * 10).save(path)
+    with pytest.raises(ValueError, match=rf"^2008_000002: {path}: mode I;16 \(16-bit single channel, values 0..5590\) "
+                       "is not a photo; SAK expects an 8-bit RGB or grayscale photo"):  # fmt: skip
+        main(["pascal_context", "--source", str(tmp_path / "T"), "--output_dir", str(tmp_path / "out")])
+
     write_fake_pascal(tmp_path / "S")
     (tmp_path / "S" / "json" / "nyu_classes.json").unlink()
     with pytest.raises(FileNotFoundError, match="nyu_classes.json is missing"):

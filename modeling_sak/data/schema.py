@@ -5,7 +5,7 @@ One row per image, columns (all `datasets.Image` features, so the Hub viewer sho
 | column    | storage                                   | decoded by `decode_example`                        |
 | --------- | ----------------------------------------- | -------------------------------------------------- |
 | `id`      | string                                    | str                                                |
-| `image`   | 8-bit RGB PNG/JPEG                        | uint8 (H, W, 3)                                    |
+| `image`   | 8-bit RGB PNG/JPEG                        | uint8 (H, W, 3) (see `decode_image`)               |
 | `semseg`  | 8-bit L PNG: class ids 0..N-1, 255 ignore | int64 (H, W)                                       |
 | `depth`   | 32-bit float TIFF (mode F), metres, 0 = no measurement | float32 (H, W), lossless             |
 | `normals` | 8-bit RGB PNG, `v = (n + 1) * 255 / 2`; (0, 0, 0) = no normal | float32 (H, W, 3) in [-1, 1] (`2 v / 255 - 1`), 0 where none |
@@ -17,7 +17,8 @@ classes its distilled normals are valid for) cannot survive `(n + 1) * 255 / 2` 
 pixel (0, 0, 0) (which would otherwise mean the non-unit vector (-1, -1, -1)) and decoded back to zero; the
 transforms then mark zero-norm normals as ignored, as the reference does. Datasets may lack some task columns (e.g.
 PASCAL-Context has no depth); the extra PASCAL columns `human_parts` (8-bit ids, 255 ignore) and `sal` (8-bit,
-255 = salient) follow the same rules.
+255 = salient) follow the same rules. `decode_example` raises a `ValueError` naming the row for a cell that cannot be
+decoded, an image that is not an 8-bit photo (a 16-bit depth PNG, say) or a label stored in another mode than above.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Any
 import numpy as np
 from datasets import Features, Image, Value
 from PIL import Image as PILImage
+
+from ..image_processing_sak import to_rgb_array
 
 
 TASK_COLUMNS = ("semseg", "depth", "normals", "edge", "human_parts", "sal")
@@ -83,14 +86,40 @@ def _open(value: Any) -> PILImage.Image:
     return value
 
 
+# The PIL modes each label column may be stored in (see the module table); anything else is another convention.
+LABEL_MODES = {"semseg": ("L", "P"), "human_parts": ("L", "P"), "depth": ("F",), "normals": ("RGB",),
+               "edge": ("L", "1"), "sal": ("L", "1")}  # fmt: skip
+
+
+def _open_cell(value: Any, row_id: str, column: str) -> PILImage.Image:
+    try:
+        return _open(value)
+    except Exception as error:  # corrupt bytes, missing file, malformed cell
+        raise ValueError(f"row {row_id!r}: cannot decode {column} ({type(error).__name__}: {error})") from error
+
+
+def decode_image(value: Any, row_id: str) -> np.ndarray:
+    """The `image` cell of a row as uint8 (H, W, 3) RGB, by the mode rules of `image_processing_sak.to_rgb_array`
+    (grayscale replicated, transparency composited onto white); `ValueError` naming the row when it cannot be decoded
+    or is not an 8-bit photo (e.g. a 16-bit depth map)."""
+    return to_rgb_array(_open_cell(value, row_id, "image"), f"row {row_id!r}: image")
+
+
 def decode_example(row: dict[str, Any]) -> dict[str, Any]:
-    """One row (PIL images, or undecoded image cells) -> numpy arrays in the training convention."""
-    example = {"id": str(row.get("id", "")), "image": np.asarray(_open(row["image"]).convert("RGB"), dtype=np.uint8)}
+    """One row (PIL images, or undecoded image cells) -> numpy arrays in the training convention; `ValueError` naming
+    the row for a cell that cannot be decoded, an image that is not an 8-bit photo or a label in another mode."""
+    row_id = str(row.get("id", ""))
+    example = {"id": row_id, "image": decode_image(row["image"], row_id)}
     for task in TASK_COLUMNS:
         value = row.get(task)
         if value is None:
             continue
-        value = _open(value)
+        value = _open_cell(value, row_id, task)
+        if value.mode not in LABEL_MODES[task]:
+            raise ValueError(
+                f"row {row_id!r}: {task} is stored in mode {value.mode}; the schema stores it in mode "
+                f"{' or '.join(LABEL_MODES[task])} (see modeling_sak.data.schema)"
+            )
         if task in ("semseg", "human_parts"):
             example[task] = np.asarray(value, dtype=np.int64)
         elif task == "depth":
