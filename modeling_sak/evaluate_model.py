@@ -31,14 +31,15 @@ from .data.transforms import MultiTaskTransform
 from .evaluation.metrics import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
 from .evaluation.pictures import denormalize, prediction_grid, save_task_pictures
 from .image_processing_sak import SAKImageProcessor
-from .training import distributed_without_gpu, evaluate
+from .training import distributed_without_gpu, evaluate, evaluation_mode
 
 
-@torch.no_grad()
 def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Path, device) -> None:
-    """Pictures of the first `count` images: per-task PNGs and a grid per image, and one grid with ground truth."""
+    """Pictures of the first `count` images, from eval-mode outputs: per-task PNGs and a grid per image, and one grid
+    with ground truth."""
     batch = stream.collate(list(islice(stream, count)))
-    outputs = model(pixel_values=batch["pixel_values"].to(device))
+    with evaluation_mode(model):
+        outputs = model(pixel_values=batch["pixel_values"].to(device))
     task_outputs = {task: value.float().cpu() for task, value in outputs.task_outputs.items()}
     tasks = dict(model.config.tasks)
     prediction_grid(batch["pixel_values"], batch["labels"], task_outputs, output_dir / "predictions.png",

@@ -3,12 +3,14 @@ checkpoints, the NaN guard, evaluation with process-summed metrics, and Delta_m.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +179,15 @@ def load_matching_weights(model: SAKForMultiTask, path_or_repo: str) -> dict[str
 
 
 def apply_lora(model: SAKForMultiTask, lora: dict[str, Any]) -> SAKForMultiTask:
-    """LoRA on the stem's attention and MLP projections through peft (the `lora` extra)."""
+    """LoRA on the stem's attention and MLP projections through peft (the `lora` extra); the rest of the stem is
+    frozen. Training and its checkpoints keep the LoRA layers; `merge_lora` folds them in before `save_pretrained`."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as error:
         raise ImportError("recipe key 'lora' needs peft: pip install 'sak-hf[lora]'") from error
+    unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules"})
+    if unknown:
+        raise ValueError(f"lora: unknown keys {unknown}; valid keys are r, alpha, dropout and target_modules")
     config = LoraConfig(target_modules=lora.get("target_modules", ["qkv", "proj", "fc1", "fc2"]),
                         r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0))  # fmt: skip
     model.stem = inject_adapter_in_model(config, model.stem)
@@ -269,23 +275,82 @@ def resolve_checkpoint(output_dir: str | Path, value: str) -> Path:
     return path
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, config: SAKConfig, boundary: str = "bsds") -> dict[str, dict[str, float]]:
-    """Metrics of every task over this process's part of `loader`, summed across processes."""
-    model.eval()
+    """Metrics of every task over this process's part of `loader`, summed across processes. The model runs in
+    `evaluation_mode` and comes back in the mode it was found in."""
     metrics = make_metrics(config.tasks, config.semantic_loss_ignore_index, boundary)
-    for batch in loader:
-        if batch["pixel_values"] is None:
-            continue
-        outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
-        for task, metric in metrics.items():
-            label = batch["labels"].get(task)
-            if label is not None:
-                metric.update(outputs.task_outputs[task].float().cpu(), label)
+    with evaluation_mode(model):
+        for batch in loader:
+            if batch["pixel_values"] is None:
+                continue
+            outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
+            for task, metric in metrics.items():
+                label = batch["labels"].get(task)
+                if label is not None:
+                    metric.update(outputs.task_outputs[task].float().cpu(), label)
     results = {}
     for task, metric in metrics.items():
         state = {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in metric.state().items()}
         metric.load_state(state)
         results[task] = metric.compute()
-    model.train()
     return results
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode under `torch.inference_mode()` for every evaluation and picture; on exit each module's training flag
+    is back as it was found.
+
+    In train mode BatchNorm would normalise with batch statistics and update its running statistics, dropout would
+    drop and noisy gating would add noise: evaluation would give other numbers and change the model. The flags are
+    restored per module, so a model with some parts kept in eval (e.g. frozen statistics) comes back exactly as it was.
+    """
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(modes[model])  # through `train` first: modules may act on it (e.g. drop an eval-only cache)
+        for module, training in modes.items():
+            module.training = training
+
+
+def save_lora_adapter(model: SAKForMultiTask, directory: str | Path) -> Path | None:
+    """The stem's LoRA adapter, unmerged, in peft's format (`adapter_config.json` + `adapter_model.safetensors`, keys
+    relative to the stem); None, writing nothing, when the model has no LoRA. Call it before `merge_lora`.
+
+    It applies to the stem the run started from: `inject_adapter_in_model(LoraConfig.from_pretrained(directory),
+    model.stem)` and `set_peft_model_state_dict(model.stem, load_file(directory / "adapter_model.safetensors"))`.
+    """
+    configs = getattr(model.stem, "peft_config", None)
+    if not configs:
+        return None
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    configs["default"].save_pretrained(str(directory))
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.stem).items()}
+    save_file(state, str(directory / "adapter_model.safetensors"))
+    return directory
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """Fold every peft LoRA layer into its base layer, in place, and return the model: the plain modules and state-dict
+    keys of a model without LoRA (`stem...qkv.weight`, not `...qkv.base_layer.weight`), which is what `save_pretrained`
+    must write for `from_pretrained` to load it. A no-op for a model without LoRA (or without peft installed)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    for module in model.modules():
+        if "peft_config" in module.__dict__:  # set by `inject_adapter_in_model`; nothing is injected any more
+            del module.peft_config
+    return model

@@ -9,12 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+import torch
+from accelerate import Accelerator
+from conftest import TINY_IMAGE_SIZE, nyud_labels, tiny_config
 from PIL import Image
 
 from modeling_sak import SAKForMultiTask
+from modeling_sak import evaluate_model as evaluate_model_module
 from modeling_sak.evaluate_model import main
 from modeling_sak.prepare_dataset import make_toyrooms
+from modeling_sak.training import evaluate
 
 
 def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch):
@@ -65,3 +69,81 @@ def test_two_processes_give_exactly_the_single_process_metrics(tmp_path):
         assert saved["processes"] == {"one": 1, "two": 2}[name]
         metrics[name] = saved["metrics"]
     assert metrics["two"] == metrics["one"]  # bit for bit: every statistic is an integer sum
+
+
+def model_where_train_mode_shows(**config) -> SAKForMultiTask:
+    """A tiny model whose train-mode outputs differ from its eval-mode ones: noisy gating, and BatchNorm running
+    statistics far from any batch's."""
+    torch.manual_seed(0)
+    model = SAKForMultiTask(tiny_config(noisy_gating=True, **config))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.num_batches_tracked.fill_(100)
+    return model.eval()
+
+
+def parameters_and_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def test_save_predictions_leaves_every_parameter_and_buffer_bit_identical_and_draws_eval_mode_outputs(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    make_toyrooms(tmp_path / "toy", num_train=2, num_test=3, size=(64, 96))
+    model_where_train_mode_shows(tasks={"semseg": 7, "normals": 3, "edge": 1, "depth": 1}).save_pretrained(
+        tmp_path / "model"
+    )
+    seen, drawn = {}, {}
+    load, draw = evaluate_model_module.AutoModel.from_pretrained, evaluate_model_module.prediction_grid
+
+    def recording_load(*args, **kwargs):  # the model the command loads, and its parameters and buffers as loaded
+        seen["model"] = load(*args, **kwargs)
+        seen["loaded"] = parameters_and_buffers(seen["model"])
+        return seen["model"]
+
+    def recording_draw(pixel_values, labels, task_outputs, *args, **kwargs):
+        drawn.update(pixel_values=pixel_values, task_outputs=task_outputs)
+        return draw(pixel_values, labels, task_outputs, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_model_module.AutoModel, "from_pretrained", recording_load)
+    monkeypatch.setattr(evaluate_model_module, "prediction_grid", recording_draw)
+    main(["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "toy"), "--batch_size", "2",
+          "--boundary", "tolerance", "--output_dir", str(tmp_path / "eval"), "--save_predictions", "3"])  # fmt: skip
+
+    after = parameters_and_buffers(seen["model"])
+    assert after.keys() == seen["loaded"].keys()
+    changed = [name for name, tensor in after.items() if not torch.equal(tensor, seen["loaded"][name])]
+    assert not changed, f"evaluation changed {changed}"
+    assert not any(module.training for module in seen["model"].modules())  # loaded in eval mode, still in eval mode
+    # The pictures show what the model predicts in eval mode (running statistics, no router noise).
+    reference = SAKForMultiTask.from_pretrained(tmp_path / "model").eval()
+    with torch.inference_mode():
+        expected = reference(pixel_values=drawn["pixel_values"]).task_outputs
+    assert drawn["task_outputs"].keys() == expected.keys() and drawn["pixel_values"].shape[0] == 3
+    for task, value in expected.items():
+        torch.testing.assert_close(drawn["task_outputs"][task], value, atol=1e-6, rtol=1e-5, msg=task)
+
+
+def test_evaluate_restores_the_mode_it_found_and_changes_nothing():
+    model = model_where_train_mode_shows()
+    height, width = TINY_IMAGE_SIZE
+    loader = [{"pixel_values": torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(i)),
+               "labels": nyud_labels(2, height, width, seed=i)} for i in range(2)]  # fmt: skip
+    accelerator = Accelerator()
+    frozen_statistics = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    setups = {"eval": lambda: model.eval(), "train": lambda: model.train(),
+              "train, one BatchNorm frozen": lambda: (model.train(), frozen_statistics.eval())}  # fmt: skip
+    results = {}
+    for name, setup in setups.items():
+        setup()
+        modes = {module_name: module.training for module_name, module in model.named_modules()}
+        before = parameters_and_buffers(model)
+        results[name] = evaluate(model, loader, accelerator, model.config, boundary="tolerance")
+        assert {module_name: module.training for module_name, module in model.named_modules()} == modes, name
+        after = parameters_and_buffers(model)
+        assert [key for key in before if not torch.equal(before[key], after[key])] == [], name
+    # The mode found does not change the metrics: evaluation always runs in eval mode.
+    assert results["train"] == results["eval"] == results["train, one BatchNorm frozen"]
