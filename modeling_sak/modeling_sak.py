@@ -977,9 +977,8 @@ class SAKForMultiTask(SAKPreTrainedModel):
         if wider and not config_kwargs.get("use_aligners", False):
             logger.info(f"teachers {wider} are not {stem_width} wide like the stem: switching aligners on")
             config_kwargs["use_aligners"] = True
-        teacher_specs = {
-            name: {"hidden_size": s["hidden_size"], "model_id": s["model_id"]} for name, s in specs.items()
-        }
+        # keeps each teacher's options (out_indices, position_interpolation, config_overrides) in the config
+        teacher_specs = {name: {k: v for k, v in s.items() if k != "num_hidden_layers"} for name, s in specs.items()}
         model = cls.from_stem_pretrained(stem_name_or_path, teachers=teacher_specs, **config_kwargs)
         if load_teachers:
             model.load_teachers(**hub_kwargs)

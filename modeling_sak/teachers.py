@@ -1,4 +1,4 @@
-"""The frozen teacher committee of SAK: vision foundation models from the Hub producing the distillation targets.
+"""The frozen teacher committee of SAK: vision foundation models producing the distillation targets.
 
     teachers = SAKTeachers.from_config(model.config, dtype=torch.bfloat16)
     teacher_features = teachers(pixel_values)   # {teacher: [4 maps (B, C_t, h_t, w_t)]}
@@ -6,6 +6,10 @@
 
 or attach them to the student (`model.load_teachers()`), after which a training-mode forward with no
 `teacher_features` computes them itself. Teachers are never part of the student's state dict.
+
+A teacher is a transformers model (Hub id or folder) or, with the optional `timm` extra, a timm model
+(`timm/NAME.TAG`, `timm:NAME.TAG`, `hf-hub:ORG/NAME`, `local-dir:PATH` or a folder saved by timm; see
+`modeling_sak.timm_teachers`). Both give the targets the reference's teachers give (README, "Teachers").
 """
 
 from __future__ import annotations
@@ -47,6 +51,26 @@ FAMILY_MEAN_STD = {
     "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "vit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 }
+# How a teacher's absolute position embedding goes from its saved grid to the input's grid:
+# - "bicubic_antialias": timm's `resample_abs_pos_embed` (bicubic, antialias=True, in float32), what timm does when
+#   the reference builds a timm teacher at its `img_size`;
+# - "bicubic": the same without antialias (timm's `resize_pos_embed`, transformers' own SigLIP/DeiT rule);
+# - "transformers": the model's own run-time `interpolate_pos_encoding` (square saved grids only).
+POSITION_INTERPOLATIONS = ("bicubic_antialias", "bicubic", "transformers")
+# The reference's rule per family (models/backbones/timm_encoders.py and hf_encoders.py): DINOv2, CLIP (OpenAI and
+# timm's) and ViT teachers are timm models built at the input size; SigLIP is transformers' SiglipVisionModel with
+# interpolate_pos_encoding=True; SAM runs at its native size. Other models: the bicubic rule from their true grid.
+FAMILY_POSITION_INTERPOLATION = {
+    "dinov2": "bicubic_antialias",
+    "clip": "bicubic_antialias",
+    "vit": "bicubic_antialias",
+    "siglip": "bicubic",
+    "auto": "bicubic",
+}
+# Families whose transformers vision embeddings can only be built for a square image_size.
+SQUARE_ONLY_FAMILIES = ("clip", "siglip", "sam")
+# Per-teacher options a config / recipe may give besides model_id and hidden_size.
+TEACHER_OPTIONS = ("out_indices", "position_interpolation", "config_overrides")
 
 
 def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -57,6 +81,13 @@ def vision_config_of(config: PreTrainedConfig) -> PreTrainedConfig:
 def teacher_family(config: PreTrainedConfig) -> str:
     """`dinov2`, `clip`, `siglip`, `sam`, `vit`, or `auto` for any other model returning hidden states."""
     return FAMILIES.get(config.model_type, "auto")
+
+
+def is_timm_model_id(model_id: str) -> bool:
+    """True for the ids the timm path takes (see `modeling_sak.timm_teachers`), checked without importing timm."""
+    from .timm_teachers import is_timm_model_id as check
+
+    return check(model_id)
 
 
 def load_teacher_config(name: str, model_id: str, **hub_kwargs) -> PreTrainedConfig:
@@ -71,17 +102,46 @@ def load_teacher_config(name: str, model_id: str, **hub_kwargs) -> PreTrainedCon
         ) from error
 
 
-def teacher_widths(model_ids: dict[str, str], **hub_kwargs) -> dict[str, dict[str, Any]]:
-    """`{name: {"hidden_size", "num_hidden_layers", "model_id"}}` from the teachers' configs, without weights."""
+def teacher_spec(name: str, spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A recipe's teacher entry (`"ORG/NAME"` or `{"model_id": ..., **options}`) as a checked dict."""
+    if isinstance(spec, str | Path):
+        spec = {"model_id": str(spec)}
+    if not isinstance(spec, dict) or not spec.get("model_id"):
+        raise ValueError(
+            f"teacher '{name}': {spec!r} must be a Hub id / folder or a mapping with a model_id, e.g. "
+            "{'model_id': 'facebook/sam-vit-base', 'config_overrides': {'layer_norm_eps': 1e-5}}"
+        )
+    unknown = sorted(set(spec) - {"model_id", "hidden_size", *TEACHER_OPTIONS})
+    if unknown:
+        raise ValueError(f"teacher '{name}': unknown options {unknown}; known: model_id, {', '.join(TEACHER_OPTIONS)}")
+    return dict(spec)
+
+
+def teacher_widths(model_ids: dict[str, str | dict[str, Any]], **hub_kwargs) -> dict[str, dict[str, Any]]:
+    """`{name: {"hidden_size", "num_hidden_layers", "model_id", **options}}` from the teachers' configs, no weights.
+
+    `model_ids` maps each name to a Hub id / folder or to `{"model_id": ..., **options}` (`TEACHER_OPTIONS`).
+    """
     specs = {}
-    for name, model_id in model_ids.items():
-        vision = vision_config_of(load_teacher_config(name, model_id, **hub_kwargs))
-        specs[name] = {
-            "hidden_size": vision.hidden_size,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "model_id": model_id,
-        }
+    for name, entry in model_ids.items():
+        spec = teacher_spec(name, entry)
+        if is_timm_model_id(spec["model_id"]):
+            from .timm_teachers import timm_teacher_shape
+
+            shape = timm_teacher_shape(name, spec["model_id"], **hub_kwargs)
+        else:
+            vision = vision_config_of(load_teacher_config(name, spec["model_id"], **hub_kwargs))
+            shape = {"hidden_size": vision.hidden_size, "num_hidden_layers": vision.num_hidden_layers}
+        specs[name] = {**spec, **shape}
     return specs
+
+
+def teacher_specs(model_ids: dict[str, str | dict[str, Any]], **hub_kwargs) -> dict[str, dict[str, Any]]:
+    """`SAKConfig.teachers` entries `{name: {"hidden_size", "model_id", **options}}` for recipe teacher entries."""
+    return {
+        name: {key: value for key, value in spec.items() if key != "num_hidden_layers"}
+        for name, spec in teacher_widths(model_ids, **hub_kwargs).items()
+    }
 
 
 def sam_resize_and_pad(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
@@ -93,40 +153,108 @@ def sam_resize_and_pad(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(resized, (0, size - new_w, 0, size - new_h))
 
 
-class SAKTeacher(nn.Module):
-    """One frozen teacher: its transformers model plus the input and output handling of its family."""
+def resample_position_embeddings(
+    table: torch.Tensor, old_grid: Sequence[int], new_grid: Sequence[int], num_prefix_tokens: int, antialias: bool
+) -> torch.Tensor:
+    """A `(1, prefix + h * w, C)` position table resampled from `old_grid` to `new_grid` (bicubic, in float32).
+
+    The arithmetic of timm's `resample_abs_pos_embed` (with `antialias`) and `resize_pos_embed` (without): prefix
+    (class) positions kept, grid positions resized as an image, the result cast back to the table's dtype.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    prefix, grid = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
+    dim = table.shape[-1]
+    grid = grid.float().reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=antialias)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(table.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _embeddings_module(model: nn.Module) -> nn.Module | None:
+    """The patch + position embeddings module of a transformers ViT-like model (`embeddings` or
+    `vision_model.embeddings`), if it has a run-time `interpolate_pos_encoding` we can stand in for."""
+    embeddings = getattr(getattr(model, "vision_model", model), "embeddings", None)
+    return embeddings if callable(getattr(embeddings, "interpolate_pos_encoding", None)) else None
+
+
+def _position_table(embeddings: nn.Module) -> torch.Tensor | None:
+    """The learned absolute position table as `(1, tokens, C)`: DINOv2/ViT/DeiT's `position_embeddings` parameter or
+    CLIP/SigLIP's `position_embedding` nn.Embedding; None for any other layout."""
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, nn.Parameter) and table.dim() == 3:
+        return table
+    table = getattr(embeddings, "position_embedding", None)
+    if isinstance(table, nn.Embedding):
+        return table.weight.unsqueeze(0)
+    return None
+
+
+class ResampledPositionEmbeddings:
+    """Stands in for a transformers embeddings module's `interpolate_pos_encoding(embeddings, height, width)`: the
+    position table resampled from the SAVED grid (which may be non-square) to the input's grid with one rule, computed
+    once per input grid and cached (teachers are frozen; the cache is keyed by grid, device and dtype)."""
+
+    MAX_CACHED = 16
+
+    def __init__(self, embeddings: nn.Module, saved_grid: tuple[int, int], patch_size: tuple[int, int], rule: str):
+        self.embeddings, self.saved_grid, self.patch_size = embeddings, saved_grid, patch_size
+        self.antialias = rule == "bicubic_antialias"
+        table = _position_table(embeddings)
+        self.num_prefix_tokens = table.shape[1] - saved_grid[0] * saved_grid[1]
+        self.cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        table = _position_table(self.embeddings)
+        grid = (int(height) // self.patch_size[0], int(width) // self.patch_size[1])
+        key = (grid, table.device, table.dtype)
+        if key not in self.cache:
+            if len(self.cache) >= self.MAX_CACHED:
+                self.cache.clear()
+            # An ordinary tensor even when first asked under inference_mode, so it can be reused anywhere.
+            with torch.inference_mode(False), torch.no_grad():
+                self.cache[key] = resample_position_embeddings(
+                    table.detach(), self.saved_grid, grid, self.num_prefix_tokens, self.antialias
+                ).clone()
+        return self.cache[key]
+
+
+def check_out_indices(name: str, out_indices: Sequence[int] | None, depth: int) -> list[int]:
+    """The teacher's 0-based block indices (default: the depth rule), checked against its depth."""
+    indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
+    bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < depth]
+    if bad:
+        raise ValueError(
+            f"teacher '{name}': layer indices {bad} are out of range for a {depth}-layer model; "
+            f"use 0-based indices in [0, {depth - 1}] (or leave out_indices unset for the depth rule)"
+        )
+    return indices
+
+
+class FrozenTeacher(nn.Module):
+    """What every teacher backend shares: its levels, its input (re-normalisation, SAM's resize and pad, dtype) and
+    the description the feature cache keys on. Subclasses set `model`, `sam_size` and implement `forward`."""
+
+    backend = "transformers"
 
     def __init__(
         self,
         name: str,
         model: nn.Module,
         family: str,
-        out_indices: Sequence[int],
-        renormalize: bool = False,
-        mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+        hidden_size: int,
+        depth: int,
+        out_indices: Sequence[int] | None,
+        renormalize: bool,
+        mean_std: tuple[Sequence[float], Sequence[float]] | None,
+        model_id: str | None,
     ):
         super().__init__()
-        self.name, self.model, self.family = name, model, family
-        vision = vision_config_of(model.config)
-        self.hidden_size = vision.hidden_size
-        depth = vision.num_hidden_layers
-        self.out_indices = list(out_indices) if out_indices is not None else default_out_indices(depth)
-        bad = [i for i in self.out_indices if not isinstance(i, int) or not 0 <= i < depth]
-        if bad:
-            raise ValueError(
-                f"teacher '{name}': layer indices {bad} are out of range for a {depth}-layer model; "
-                f"use 0-based indices in [0, {depth - 1}] (or leave out_indices unset for the depth rule)"
-            )
-        patch = getattr(vision, "patch_size", None)
-        self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
-        self.image_size = getattr(vision, "image_size", None)
-        self.num_prefix_tokens = {"dinov2": 1 + getattr(vision, "num_register_tokens", 0), "clip": 1, "vit": 1}.get(
-            family, 0
-        )
-        # Models that can interpolate their position embedding to the input grid are asked to.
-        accepts = inspect.signature(model.forward).parameters
-        self._forward_kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepts else {}
+        self.name, self.model, self.family, self.model_id = name, model, family, model_id
+        self.hidden_size = hidden_size
+        self.out_indices = check_out_indices(name, out_indices, depth)
         self.renormalize = renormalize
+        self.sam_size: int | None = None
         mean, std = mean_std or FAMILY_MEAN_STD.get(family, (IMAGENET_MEAN, IMAGENET_STD))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -138,21 +266,101 @@ class SAKTeacher(nn.Module):
             imagenet_std = pixel_values.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
             pixel_values = (pixel_values * imagenet_std + imagenet_mean - self.mean) / self.std
         if self.family == "sam":
-            pixel_values = sam_resize_and_pad(pixel_values, self.image_size)
+            pixel_values = sam_resize_and_pad(pixel_values, self.sam_size)
         return pixel_values.to(next(self.model.parameters()).dtype)
+
+    def describe(self) -> dict[str, Any]:
+        """What this teacher's features depend on (for `SAKTeachers.fingerprint`)."""
+        return {
+            "name": self.name,
+            "model": self.model_id or "",
+            "backend": self.backend,
+            "out_indices": self.out_indices,
+            "hidden_size": self.hidden_size,
+            "dtype": str(next(self.model.parameters()).dtype),
+            "renormalize": self.renormalize,
+        }
+
+
+class SAKTeacher(FrozenTeacher):
+    """One frozen transformers teacher: its model plus the input and output handling of its family.
+
+    Position embeddings follow `position_interpolation` (default: the reference's rule for the family, see
+    `FAMILY_POSITION_INTERPOLATION`), resampled from the saved grid, square or not, and cached per input grid.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        family: str,
+        out_indices: Sequence[int] | None,
+        renormalize: bool = False,
+        mean_std: tuple[Sequence[float], Sequence[float]] | None = None,
+        position_interpolation: str | None = None,
+        model_id: str | None = None,
+        config_overrides: dict[str, Any] | None = None,
+    ):
+        vision = vision_config_of(model.config)
+        model_id = model_id or getattr(model.config, "_name_or_path", "") or None
+        super().__init__(
+            name, model, family, vision.hidden_size, vision.num_hidden_layers, out_indices, renormalize, mean_std,
+            model_id,
+        )  # fmt: skip
+        self.config_overrides = dict(config_overrides or {})
+        patch = getattr(vision, "patch_size", None)
+        self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
+        image_size = getattr(vision, "image_size", None)
+        self.image_size = (image_size,) * 2 if isinstance(image_size, int) else tuple(image_size or ()) or None
+        if family == "sam":
+            self.sam_size = self.image_size[0]
+        self.position_interpolation = self._set_up_positions(position_interpolation)
+
+    def _set_up_positions(self, requested: str | None) -> str | None:
+        """Install the position rule; returns it (None for SAM, which always runs at its native size)."""
+        if requested is not None and requested not in POSITION_INTERPOLATIONS:
+            raise ValueError(
+                f"teacher '{self.name}': position_interpolation={requested!r} is not one of {POSITION_INTERPOLATIONS}"
+            )
+        accepts = "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        self._interpolate_kwargs = {"interpolate_pos_encoding": True} if accepts else {}
+        if self.family == "sam":
+            return None  # the input is resized and padded to the native size: no resampling
+        rule = requested or FAMILY_POSITION_INTERPOLATION[self.family]
+        embeddings = _embeddings_module(self.model)
+        table = _position_table(embeddings) if embeddings is not None else None
+        grid = None
+        if self.image_size and self.patch_size:
+            grid = (self.image_size[0] // self.patch_size[0], self.image_size[1] // self.patch_size[1])
+        usable = table is not None and grid is not None and table.shape[1] >= grid[0] * grid[1]
+        if rule != "transformers" and not usable:
+            if requested is not None:
+                raise ValueError(
+                    f"teacher '{self.name}' ({type(self.model).__name__}): position_interpolation={rule!r} needs a "
+                    "learned absolute position table and a patch grid; use 'transformers' for this model"
+                )
+            rule = "transformers"
+        if rule != "transformers":
+            embeddings.interpolate_pos_encoding = ResampledPositionEmbeddings(embeddings, grid, self.patch_size, rule)
+        elif requested == "transformers" and self.image_size and self.image_size[0] != self.image_size[1]:
+            raise ValueError(self._square_grid_message())
+        return rule
+
+    def _square_grid_message(self) -> str:
+        return (
+            f"teacher '{self.name}': transformers' run-time interpolate_pos_encoding assumes a square saved grid, but "
+            f"this model was saved with image_size {list(self.image_size)}; use position_interpolation "
+            "'bicubic_antialias' or 'bicubic' (resampled from the true grid) or save it with a square image_size"
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Hidden states at `out_indices` as float32 `(B, C_t, h_t, w_t)` maps, prefix/register tokens removed."""
         inputs = self.prepare_inputs(pixel_values)
-        native = self.image_size if isinstance(self.image_size, list | tuple) else (self.image_size,) * 2
-        # transformers interpolates position embeddings assuming a square grid: ask only when the size differs.
-        kwargs = self._forward_kwargs if tuple(inputs.shape[-2:]) != tuple(native) else {}
-        if kwargs and native[0] != native[1] and self.family in ("vit", "clip", "siglip"):
-            raise ValueError(
-                f"teacher '{self.name}': transformers interpolates this model's position embeddings only from a square "
-                f"grid, but it was saved with image_size {list(native)}; feed {list(native)} inputs or save the "
-                "teacher with a square image_size"
-            )
+        kwargs = self._interpolate_kwargs
+        if self.position_interpolation == "transformers":
+            kwargs = kwargs if tuple(inputs.shape[-2:]) != self.image_size else {}  # transformers asks only off size
+            if kwargs and self.image_size and self.image_size[0] != self.image_size[1]:
+                raise ValueError(self._square_grid_message())
         outputs = self.model(pixel_values=inputs, output_hidden_states=True, **kwargs)
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:
@@ -177,6 +385,13 @@ class SAKTeacher(nn.Module):
         patches = hidden[:, prefix:]
         return patches.transpose(1, 2).reshape(hidden.shape[0], -1, *grid).float()
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "position_interpolation": self.position_interpolation,
+            "config_overrides": self.config_overrides,
+        }
+
 
 def _model_class(family: str):
     if family == "clip":
@@ -194,39 +409,92 @@ def _model_class(family: str):
     return AutoModel
 
 
+def _check_saved_grid(name: str, model_id: str, family: str, vision: PreTrainedConfig) -> None:
+    """transformers builds CLIP, SigLIP and SAM vision towers for a square int image_size only: a square list is
+    turned into its int, a non-square one refused here, by name, instead of failing inside transformers."""
+    size = getattr(vision, "image_size", None)
+    if family not in SQUARE_ONLY_FAMILIES or not isinstance(size, list | tuple):
+        return
+    if len(size) == 2 and size[0] == size[1]:
+        vision.image_size = int(size[0])
+        return
+    raise ValueError(
+        f"teacher '{name}' ({model_id}): transformers builds {family.upper()} vision models for a square image_size "
+        f"only, but its config says image_size {list(size)}; save the teacher with a square image_size (inputs of any "
+        "size are still accepted: the position embedding is resampled to each input's grid)"
+    )
+
+
+def _apply_config_overrides(name: str, vision: PreTrainedConfig, overrides: dict[str, Any] | None) -> None:
+    for key, value in (overrides or {}).items():
+        if not hasattr(vision, key):
+            raise ValueError(
+                f"teacher '{name}': config_overrides key {key!r} is not a field of {type(vision).__name__}; "
+                "use e.g. {'layer_norm_eps': 1e-5} (timm's SAM) or {'hidden_act': 'gelu'} (timm's OpenAI CLIP)"
+            )
+        setattr(vision, key, value)
+
+
 def load_teacher(
     name: str,
     model_id: str,
     out_indices: Sequence[int] | None = None,
     dtype: torch.dtype | None = None,
     renormalize: bool = False,
+    position_interpolation: str | None = None,
+    config_overrides: dict[str, Any] | None = None,
     **hub_kwargs,
-) -> SAKTeacher:
-    """Load one frozen teacher by Hub id or local path with the right transformers class for its family."""
+) -> FrozenTeacher:
+    """Load one frozen teacher by Hub id or local path: a transformers model with the right class for its family, or
+    a timm model (`is_timm_model_id`) built as the reference builds it.
+
+    `position_interpolation` overrides the family's position-embedding rule (`POSITION_INTERPOLATIONS`);
+    `config_overrides` sets fields of the (vision) config before the weights load, e.g. `{"layer_norm_eps": 1e-5}`
+    for SAM or `{"hidden_act": "gelu"}` for OpenAI CLIP weights, to match the reference's timm teachers exactly.
+    """
+    if is_timm_model_id(model_id):
+        if position_interpolation is not None or config_overrides:
+            raise ValueError(
+                f"teacher '{name}' ({model_id}) is a timm model, built as the reference builds it: "
+                "position_interpolation and config_overrides apply to transformers teachers only"
+            )
+        from .timm_teachers import load_timm_teacher
+
+        return load_timm_teacher(name, model_id, out_indices, dtype, renormalize, **hub_kwargs)
     config = load_teacher_config(name, model_id, **hub_kwargs)
     family = teacher_family(config)
+    vision = vision_config_of(config)
+    _check_saved_grid(name, model_id, family, vision)
+    _apply_config_overrides(name, vision, config_overrides)
+    model_class = _model_class(family)
     extra = {"add_pooling_layer": False} if family == "vit" else {}
+    load_config = config if model_class is AutoModel else vision
     try:
-        model = _model_class(family).from_pretrained(model_id, dtype=dtype or torch.float32, **extra, **hub_kwargs)
+        model = model_class.from_pretrained(
+            model_id, config=load_config, dtype=dtype or torch.float32, **extra, **hub_kwargs
+        )
     except (OSError, ValueError) as error:
         raise OSError(
             f"teacher '{name}': cannot load the weights of {model_id!r} ({str(error).splitlines()[0]}); download it "
             f"once with `hf download {model_id}` or set the teacher's model_id to a local folder"
         ) from error
-    teacher = SAKTeacher(name, model, family, out_indices, renormalize)
+    teacher = SAKTeacher(
+        name, model, family, out_indices, renormalize, position_interpolation=position_interpolation,
+        model_id=model_id, config_overrides=config_overrides,
+    )  # fmt: skip
     teacher.requires_grad_(False)
     return teacher.eval()
 
 
 class SAKTeachers:
-    """A frozen committee `{name: SAKTeacher}` in the student's teacher order.
+    """A frozen committee `{name: teacher}` in the student's teacher order.
 
     Not an `nn.Module` on purpose: attached to a student it stays out of its parameters, state dict and optimizer.
     Calling it runs every teacher under `torch.inference_mode()` and returns ordinary float32 tensors, ready for the
     distillation loss.
     """
 
-    def __init__(self, teachers: dict[str, SAKTeacher]):
+    def __init__(self, teachers: dict[str, FrozenTeacher]):
         self.teachers = nn.ModuleDict(teachers)
         for teacher in self.teachers.values():
             teacher.requires_grad_(False)
@@ -241,7 +509,8 @@ class SAKTeachers:
         renormalize: bool = False,
         **hub_kwargs,
     ) -> SAKTeachers:
-        """Load the teachers a `SAKConfig` names (`teachers[name]["model_id"]`, optional `out_indices`)."""
+        """Load the teachers a `SAKConfig` names: `teachers[name]["model_id"]` plus the optional `TEACHER_OPTIONS`
+        (`out_indices`, `position_interpolation`, `config_overrides`)."""
         teachers = {}
         for name, spec in config.teachers.items():
             if not spec.get("model_id"):
@@ -249,7 +518,11 @@ class SAKTeachers:
                     f"teacher '{name}' has no model_id; set config.teachers['{name}']['model_id'] to a Hub id or "
                     "local folder (e.g. 'facebook/dinov2-base')"
                 )
-            teacher = load_teacher(name, spec["model_id"], spec.get("out_indices"), dtype, renormalize, **hub_kwargs)
+            teacher = load_teacher(
+                name, spec["model_id"], spec.get("out_indices"), dtype, renormalize,
+                position_interpolation=spec.get("position_interpolation"),
+                config_overrides=spec.get("config_overrides"), **hub_kwargs,
+            )  # fmt: skip
             if teacher.hidden_size != spec["hidden_size"]:
                 raise ValueError(
                     f"teacher '{name}' ({spec['model_id']}) has width {teacher.hidden_size} but the config says "
@@ -273,21 +546,9 @@ class SAKTeachers:
         return next(self.teachers.parameters()).device
 
     def fingerprint(self, input_size: Sequence[int]) -> dict[str, Any]:
-        """What the features depend on: teachers, their sources, levels, dtypes and the input size."""
-        return {
-            "teachers": [
-                {
-                    "name": name,
-                    "model": getattr(t.model.config, "_name_or_path", ""),
-                    "out_indices": t.out_indices,
-                    "hidden_size": t.hidden_size,
-                    "dtype": str(next(t.model.parameters()).dtype),
-                    "renormalize": t.renormalize,
-                }
-                for name, t in self.teachers.items()
-            ],
-            "input_size": list(input_size),
-        }
+        """What the features depend on: teachers, their sources, backends, levels, dtypes, position rule and options,
+        and the input size."""
+        return {"teachers": [t.describe() for t in self.teachers.values()], "input_size": list(input_size)}
 
     def __call__(self, pixel_values: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """`{teacher: [one (B, C_t, h_t, w_t) float32 map per level]}` for normalised `pixel_values`."""
@@ -389,4 +650,14 @@ class TeacherFeatureCache:
             self.index[example] = shard
 
 
-__all__ = ["SAKTeacher", "SAKTeachers", "TeacherFeatureCache", "load_teacher", "teacher_widths", "sam_resize_and_pad"]
+__all__ = [
+    "FrozenTeacher",
+    "SAKTeacher",
+    "SAKTeachers",
+    "TeacherFeatureCache",
+    "load_teacher",
+    "resample_position_embeddings",
+    "sam_resize_and_pad",
+    "teacher_specs",
+    "teacher_widths",
+]
