@@ -23,7 +23,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from modeling_sak import SAKImageProcessor
@@ -39,7 +39,13 @@ from modeling_sak.data.transforms import MultiTaskTransform, stage1_transform
 from modeling_sak.evaluation.metrics import MAIN_METRIC, METRICS_VERSION, delta_m
 from modeling_sak.evaluation.pictures import prediction_grid, router_bar_chart
 from modeling_sak.model_card import render_model_card
-from modeling_sak.specialist_teachers import DEFAULT_CACHE, ensure_specialists, ensure_toyrooms
+from modeling_sak.specialist_teachers import (
+    DEFAULT_CACHE,
+    PACKAGE,
+    ensure_specialists,
+    ensure_toyrooms,
+    source_fingerprint,
+)
 from modeling_sak.training import (
     DEFAULT_RECIPE,
     build_config,
@@ -47,11 +53,14 @@ from modeling_sak.training import (
     check_finite,
     distributed_without_gpu,
     evaluate,
+    evaluation_mode,
     load_recipe,
     make_scheduler,
+    merge_lora,
     parameter_groups,
     resolve_checkpoint,
     save_checkpoint,
+    save_lora_adapter,
 )
 
 
@@ -68,19 +77,23 @@ HELP = {
     "operations, equal up to float rounding); pair with --mixed_precision bf16 --teacher_dtype bfloat16",
     "eval_boundary": "edge metric: 'bsds' (the paper's odsF: NMS + one-to-one matching) or 'tolerance' (quick)",
     "streaming": "stream the dataset (Hub-scale data) instead of reading it as a local map-style dataset",
-    "image_size": "training resolution H W (the crop size; the stem's position grid)",
-    "tasks": "task -> output channels, as YAML/JSON (e.g. '{semseg: 40, depth: 1}')",
-    "task_loss_weights": "task -> loss weight, as YAML/JSON",
-    "stem": "the stem's transformers config as YAML/JSON (used when stem_model is not given)",
+    "image_size": "training resolution H W, e.g. `--image_size 448 576` (the crop size; the stem's position grid)",
+    "tasks": "task -> output channels: `--tasks semseg=40 depth=1` or `--tasks '{semseg: 40, depth: 1}'`",
+    "task_loss_weights": "task -> loss weight: `semseg=1 depth=1` or a YAML/JSON mapping",
+    "stem": "the stem's transformers config: `hidden_size=384 num_hidden_layers=12 ...` or a YAML/JSON mapping "
+            "(used when stem_model is not given)",
     "stem_model": "Hub id or path of a ViT/DINOv2 checkpoint to start the stem from",
-    "teachers": "name -> Hub id or path as YAML/JSON, 'toyrooms_specialists', or 'none' for no distillation",
+    "teachers": "name -> Hub id or path: `dinov2=facebook/dinov2-base sam=facebook/sam-vit-base` (timm ids too: "
+                "`clip=timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k`, the `timm` extra), or a YAML/JSON mapping "
+                "whose values may also be `{model_id, out_indices, position_interpolation, config_overrides}`; "
+                "'toyrooms_specialists'; or 'none' for no distillation",
     "teacher_dtype": "dtype of the frozen teachers: float32, bfloat16 or float16",
     "down_ratio": "adapter bottleneck ratio", "router_type": "'mor' or 'none'",
     "noisy_gating": "noisy MoR gating in training (true/false)", "distill_alpha": "weight of the distillation loss",
     "distill_loss_type": "'cos+l1', 'cos' or 'l2'",
     "photometric": "photometric distortion in the training augmentation (true/false)",
-    "scale_range": "random scale range of the training augmentation, as [low, high]",
-    "toyrooms": "ToyRooms settings as YAML/JSON: num_train, num_test, seed, teacher_steps",
+    "scale_range": "random scale range of the training augmentation: LOW HIGH, e.g. `--scale_range 0.5 2.0`",
+    "toyrooms": "ToyRooms settings: `num_train=2000 num_test=200 seed=0` or a YAML/JSON mapping (also teacher_steps)",
     "stage1_steps": "with stage 2: first distil on all training images (no labels, train_limit ignored) for this many "
                     "steps, then start stage 2 from that student (SAK's two-stage protocol; 0: off)",
     "max_steps": "optimizer steps", "per_device_train_batch_size": "training batch size per process",
@@ -96,7 +109,8 @@ HELP = {
     "num_workers": "DataLoader workers per process", "shuffle_buffer": "shuffle buffer of a streamed dataset",
     "seed": "random seed", "baseline": "also train a no-teacher baseline of the same budget and report Delta_m",
     "freeze_stem": "freeze the Teacher-Agnostic Stem", "train_only_routers": "train only the MoR routers",
-    "lora": "LoRA on the stem through peft, as YAML/JSON (r, alpha, dropout, target_modules)",
+    "lora": "LoRA on the stem through peft: `--lora r=8 alpha=16` or a YAML/JSON mapping (r, alpha, dropout, "
+            "target_modules); 'none': off",
     "init_from": "a SAK checkpoint (stage 1 or converted reference) to start from; matching weights are loaded",
     "verify_replicas": "at the end, check that every process holds the same parameters (recorded in all_results)",
     "report_to": "trackers: tensorboard, wandb, trackio, ... (comma separated)",
@@ -104,13 +118,67 @@ HELP = {
 }  # fmt: skip
 
 
+# How each kind of recipe value is written on the command line (each flag's help names its form).
+PAIRS = {"image_size": int, "scale_range": float}  # two numbers: `--image_size 448 576`
+MAPPINGS = {"tasks", "task_loss_weights", "stem", "toyrooms", "lora", "teachers"}  # KEY=VALUE pairs or YAML/JSON
+OPTIONAL = {"train_limit": int, "stem_model": str, "init_from": str, "report_to": str}  # 'none' = not set
+
+
+def parse_bool(text: str) -> bool:
+    """`true/false`, `yes/no`, `on/off` or `1/0`, any case."""
+    value = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; write true or false")
+    return value[text.lower()]
+
+
+def parse_flag_value(key: str, tokens: list[str]):
+    """The recipe value of `--key TOKEN ...` for the list and mapping flags (see PAIRS and MAPPINGS)."""
+    if key in PAIRS:
+        values = yaml.safe_load(tokens[0]) if len(tokens) == 1 else [yaml.safe_load(t) for t in tokens]
+        kind = PAIRS[key]
+        if not isinstance(values, list) or len(values) != 2 or not all(isinstance(v, int | float) for v in values):
+            raise ValueError(f"--{key} {' '.join(tokens)}: expected two numbers, e.g. --{key} {HELP_EXAMPLES[key]}")
+        if kind is int and not all(float(v).is_integer() for v in values):
+            raise ValueError(f"--{key} {' '.join(tokens)}: expected two integers, e.g. --{key} {HELP_EXAMPLES[key]}")
+        return [kind(v) for v in values]
+    if len(tokens) == 1 and "=" not in tokens[0]:
+        value = yaml.safe_load(tokens[0])
+        if key in ("lora", "teachers") and str(value).lower() in ("none", "null"):
+            return "none" if key == "teachers" else None
+        if key == "teachers" and value == "toyrooms_specialists":
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"--{key} {tokens[0]}: expected KEY=VALUE pairs or a YAML/JSON mapping, e.g. --{key} "
+                             f"{HELP_EXAMPLES[key]}")  # fmt: skip
+        return value
+    pairs = [t.partition("=") for t in tokens]
+    bad = [t for t, (k, sep, v) in zip(tokens, pairs) if not k or not sep]
+    if bad:
+        raise ValueError(f"--{key}: {bad} are not KEY=VALUE pairs, e.g. --{key} {HELP_EXAMPLES[key]}")
+    return {k: v if key == "teachers" else yaml.safe_load(v) for k, _, v in pairs}
+
+
+HELP_EXAMPLES = {"image_size": "448 576", "scale_range": "0.5 2.0", "tasks": "semseg=40 depth=1",
+                 "task_loss_weights": "semseg=1 depth=1", "stem": "hidden_size=384 num_hidden_layers=12",
+                 "toyrooms": "num_train=2000 num_test=200", "lora": "r=8 alpha=16",
+                 "teachers": "dinov2=facebook/dinov2-base"}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML recipe from configs/ (default: the offline ToyRooms recipe)")
     for key, default in DEFAULT_RECIPE.items():
-        structured = isinstance(default, dict | list | bool) or default is None or key == "teachers"
-        kind = yaml.safe_load if structured else type(default)
-        parser.add_argument(f"--{key}", type=kind, default=None, help=f"{HELP[key]} (default: {default})")
+        if key in PAIRS or key in MAPPINGS:
+            kwargs = {"nargs": "+", "metavar": "VALUE"}
+        elif isinstance(default, bool):
+            kwargs = {"type": parse_bool, "metavar": "{true,false}"}
+        elif key in OPTIONAL:
+            kind = OPTIONAL[key]
+            kwargs = {"type": lambda text, kind=kind: None if text.lower() in ("none", "null") else kind(text)}
+        else:
+            kwargs = {"type": type(default)}
+        parser.add_argument(f"--{key}", default=None, help=f"{HELP[key]} (default: {default})", **kwargs)
     parser.add_argument("--resume_from_checkpoint", help="'latest' (in output_dir) or a checkpoint folder")
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="cache of ToyRooms data and teachers")
     parser.add_argument("--push_to_hub", action="store_true", help="upload the final model to --hub_model_id")
@@ -119,6 +187,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "cores / local processes; `accelerate launch` without --cpu would otherwise leave 1)")  # fmt: skip
     parser.add_argument("--stop_after_steps", type=int, help=argparse.SUPPRESS)  # tests: an abrupt stop (preemption)
     args = parser.parse_args(argv)
+    for key in (*PAIRS, *MAPPINGS):
+        if getattr(args, key) is not None:
+            try:
+                setattr(args, key, parse_flag_value(key, getattr(args, key)))
+            except (ValueError, yaml.YAMLError) as error:
+                parser.error(str(error))
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     return args
@@ -126,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_teachers(recipe: dict, cache_dir: str, accelerator: Accelerator) -> tuple[dict, str]:
     """Teacher specs `{name: {hidden_size, model_id}}` and the dataset location (ToyRooms made or read from cache)."""
-    from modeling_sak.teachers import teacher_widths
+    from modeling_sak.teachers import teacher_specs
 
     dataset = recipe["dataset"]
     if dataset == "toyrooms":
@@ -145,37 +219,35 @@ def resolve_teachers(recipe: dict, cache_dir: str, accelerator: Accelerator) -> 
                                                                   tuple(recipe["image_size"])).items()}  # fmt: skip
     if not isinstance(teachers, dict):
         raise ValueError(f"teachers={teachers!r} must map name -> Hub id / path, 'toyrooms_specialists' or 'none'")
-    specs = teacher_widths(teachers)
-    return {name: {"hidden_size": s["hidden_size"], "model_id": s["model_id"]} for name, s in specs.items()}, dataset
+    return teacher_specs(teachers), dataset
 
 
 def make_loader(recipe, dataset: str, split: str, train: bool, tasks: list[str], accelerator, seed: int):
-    """This process's DataLoader of a split (not to be passed to accelerator.prepare: the stream shards itself)."""
+    """This process's DataLoader of a split (not to be passed to accelerator.prepare: the stream shards itself, every
+    row once per epoch across processes x workers, see `SplitStream`)."""
     data = load_multitask_split(dataset, split, streaming=recipe["streaming"],
                                 shuffle_buffer=recipe["shuffle_buffer"] if train and recipe["streaming"] else None,
                                 seed=seed)  # fmt: skip
     if train and recipe["train_limit"]:
         limit = recipe["train_limit"]
         data = data.take(limit) if recipe["streaming"] else data.select(range(min(limit, len(data))))
+    batch_size = recipe["per_device_train_batch_size" if train else "per_device_eval_batch_size"]
+    split_args = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "batch_size": batch_size,
+                  "shuffle_seed": seed if train and not recipe["streaming"] else None}  # fmt: skip
     columns = task_columns(data)  # may read a row of a stream: once
     if recipe["stage"] == 1 and not columns:  # images only: any Hub image dataset, e.g. ImageNet-1k
-        images = ImageStream(data, partial(stage1_transform, train, recipe["image_size"][0], seed),
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             shuffle_seed=seed if train and not recipe["streaming"] else None)  # fmt: skip
-        return torch.utils.data.DataLoader(images, batch_size=recipe["per_device_train_batch_size"],
-                                           num_workers=recipe["num_workers"], generator=loader_generator(seed))  # fmt: skip
-    missing = [t for t in tasks if t not in columns] if dataset not in COLUMN_MAPPINGS else []
-    if missing:
-        raise ValueError(
-            f"dataset {dataset!r} ({split}) has no column for the tasks {missing}; remove them from `tasks` or "
-            "convert the data with `python -m modeling_sak.prepare_dataset`"
-        )
-    transform = MultiTaskTransform(train=train, size=recipe["image_size"], seed=seed, scale_range=recipe["scale_range"],
-                                   photometric=recipe["photometric"])  # fmt: skip
-    stream = MultiTaskStream(data, transform, tasks, train=train, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, dataset_name=dataset,
-                             shuffle_seed=seed if train and not recipe["streaming"] else None)  # fmt: skip
-    batch_size = recipe["per_device_train_batch_size" if train else "per_device_eval_batch_size"]
+        stream = ImageStream(data, partial(stage1_transform, train, recipe["image_size"][0], seed), train=train,
+                             **split_args)  # fmt: skip
+    else:
+        missing = [t for t in tasks if t not in columns] if dataset not in COLUMN_MAPPINGS else []
+        if missing:
+            raise ValueError(
+                f"dataset {dataset!r} ({split}) has no column for the tasks {missing}; remove them from `tasks` or "
+                "convert the data with `python -m modeling_sak.prepare_dataset`"
+            )
+        transform = MultiTaskTransform(train=train, size=recipe["image_size"], seed=seed,
+                                       scale_range=recipe["scale_range"], photometric=recipe["photometric"])  # fmt: skip
+        stream = MultiTaskStream(data, transform, tasks, train=train, dataset_name=dataset, **split_args)
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=stream.collate,
                                        num_workers=recipe["num_workers"], generator=loader_generator(seed))  # fmt: skip
 
@@ -184,6 +256,14 @@ def loader_generator(seed: int) -> torch.Generator:
     """A DataLoader draws a seed whenever it starts iterating; from its own generator that draw leaves the global
     RNG (noisy gating, restored on resume) untouched, so a resumed run continues the same random sequence."""
     return torch.Generator().manual_seed(seed)
+
+
+def training_state(accelerator: Accelerator, step: int, epoch: int, batch_in_epoch: int, loss_history: list[float],
+                   lr_history: list[float]) -> dict:  # fmt: skip
+    """What a checkpoint needs beside accelerate's state: the step, the histories and every process's position in its
+    data (streamed parts can differ in length between processes, so each keeps its own epoch and batch)."""
+    positions = gather_object([[epoch, batch_in_epoch]])
+    return {"step": step, "positions": positions, "loss_history": loss_history, "lr_history": lr_history}
 
 
 def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelerator: Accelerator,
@@ -204,28 +284,31 @@ def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelera
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe["weight_decay"]), lr=recipe["learning_rate"])
     scheduler = make_scheduler(optimizer, recipe["lr_scheduler"], recipe["max_steps"], recipe["warmup_steps"],
                                recipe["poly_power"])  # fmt: skip
+    # The scheduler is sized in optimizer steps and stepped below once per optimizer step (the Accelerator is made
+    # with step_scheduler_with_optimizer=False: otherwise it would step it once per process per optimizer step).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, loss_history, lr_history = 0, 0, 0, [], []
     if resume:
         checkpoint = resolve_checkpoint(output_dir, resume)
         accelerator.load_state(str(checkpoint))
         state = json.loads((checkpoint / "training_state.json").read_text())
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        step, loss_history, lr_history = state["step"], state["loss_history"], state["lr_history"]
+        epoch, batch_in_epoch = state["positions"][accelerator.process_index]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
-    loss_history = state.get("loss_history", []) if resume else []
     progress = tqdm(total=recipe["max_steps"], initial=step, desc=f"training {label}",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
-    skipped_rows, started = 0, step
+    skipped_rows, started, stream = 0, step, train_loader.dataset
     model.train()
     while step < recipe["max_steps"]:
-        dataset_iter = train_loader.dataset
-        if hasattr(dataset_iter, "set_epoch"):
-            dataset_iter.set_epoch(epoch)
-        for index, batch in enumerate(train_loader):
-            if index < batch_in_epoch:  # resuming inside an epoch: the data stream position is restored
+        stream.set_epoch(epoch)
+        # Resuming inside an epoch: the stream skips the rows read before the checkpoint without decoding them.
+        first = stream.start_at(batch_in_epoch, recipe["num_workers"])
+        for index, batch in enumerate(train_loader, start=first):
+            if index < batch_in_epoch:  # streamed data: the rest of a round of worker batches
                 continue
+            batch_in_epoch = index + 1
             skipped_rows += len(batch.get("skipped", []))
             if batch.get("pixel_values") is None:
                 continue
@@ -238,22 +321,23 @@ def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelera
                 if accelerator.sync_gradients and recipe["max_grad_norm"]:
                     accelerator.clip_grad_norm_(model.parameters(), recipe["max_grad_norm"])
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
-            batch_in_epoch = index + 1
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            lr_history.append(scheduler.get_last_lr()[0])  # the rate this step used
+            if not optimizer.step_was_skipped:  # fp16: the GradScaler skipped a step with inf/nan gradients
+                scheduler.step()
             loss_history.append(accelerator.reduce(outputs.loss.detach(), "mean").item())
             progress.update()
-            progress.set_postfix(loss=f"{outputs.loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            progress.set_postfix(loss=f"{outputs.loss.item():.3f}", lr=f"{lr_history[-1]:.2e}")
             if recipe["logging_steps"] and step % recipe["logging_steps"] == 0:
-                logs = {"loss": outputs.loss.item(), "lr": scheduler.get_last_lr()[0]}
+                logs = {"loss": outputs.loss.item(), "lr": lr_history[-1]}
                 logs |= {f"loss/{k}": v.item() for k, v in (outputs.task_losses or {}).items()}
                 logs |= {f"distill/{k}": v.item() for k, v in (outputs.distill_losses or {}).items()}
                 accelerator.log({f"{label}/{k}": v for k, v in logs.items()}, step=step)
-            state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "loss_history": loss_history}
             if recipe["checkpointing_steps"] and step % recipe["checkpointing_steps"] == 0:
+                state = training_state(accelerator, step, epoch, batch_in_epoch, loss_history, lr_history)
                 save_checkpoint(accelerator, output_dir, step, state, recipe["checkpoints_total_limit"])
             if stop_after_steps is not None and step - started >= stop_after_steps:
                 accelerator.print(f"stopping abruptly after step {step} (--stop_after_steps)")
@@ -273,7 +357,7 @@ def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelera
     if skipped_rows:
         logger.warning(f"{skipped_rows} training rows were skipped (undecodable or mismatched labels)")
     if recipe["checkpointing_steps"] == 0 or step % recipe["checkpointing_steps"]:
-        state = {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "loss_history": loss_history}
+        state = training_state(accelerator, step, epoch, batch_in_epoch, loss_history, lr_history)
         save_checkpoint(accelerator, output_dir, step, state, recipe["checkpoints_total_limit"])
     replicas = None
     if recipe["verify_replicas"]:
@@ -287,14 +371,16 @@ def train(recipe: dict, teachers: dict, dataset: str, output_dir: Path, accelera
         eval_loader = make_loader(recipe, dataset, recipe["eval_split"], False, tasks, accelerator, 0)
         results = evaluate(model, eval_loader, accelerator, unwrapped.config, recipe["eval_boundary"])
         sample = next(iter(eval_loader))
-        with torch.no_grad():
-            unwrapped.eval()
+        with evaluation_mode(unwrapped):
             outputs = unwrapped(pixel_values=sample["pixel_values"].to(accelerator.device))
             router_weights = outputs.router_weights
             sample["task_outputs"] = {k: v.cpu() for k, v in outputs.task_outputs.items()}
+    # Stage 1, stage 2 and the baseline share the Accelerator: let go of this run's model, optimizer and scheduler,
+    # or the next run's checkpoints would hold them too.
+    accelerator.free_memory()
     return {"results": results, "router_weights": router_weights, "model": unwrapped, "sample": sample,
             "config": unwrapped.config, "skipped_rows": skipped_rows, "steps": step, "loss_history": loss_history,
-            "replicas": replicas}  # fmt: skip
+            "lr_history": lr_history, "replicas": replicas}  # fmt: skip
 
 
 def print_table(runs: dict[str, dict], accelerator: Accelerator) -> None:
@@ -324,6 +410,7 @@ def main(argv: list[str] | None = None) -> None:
         cpu=distributed_without_gpu(),  # several processes without a GPU: gloo on the CPU
         mixed_precision=recipe["mixed_precision"],
         gradient_accumulation_steps=recipe["gradient_accumulation_steps"],
+        step_scheduler_with_optimizer=False,  # train() steps the schedule once per optimizer step itself
         log_with=recipe["report_to"].split(",") if recipe["report_to"] else None,
         project_dir=str(output_dir),
     )
@@ -340,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         stage1 = recipe | {"stage": 1, "max_steps": recipe["stage1_steps"], "train_limit": None, "eval_split": "",
                            "output_dir": str(output_dir / "stage1")}  # fmt: skip
         first = train(stage1, teachers, dataset, output_dir / "stage1", accelerator, label="stage 1")
+        merge_lora(first["model"])  # on every process, so that the replicas (and their checkpoints) stay alike
         if accelerator.is_main_process:
             first["model"].save_pretrained(output_dir / "stage1" / "final", include_aligners=True)
         accelerator.wait_for_everyone()
@@ -348,8 +436,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"SAK": run}
     if recipe["baseline"] and teachers and recipe["stage"] == 2 and run["results"]:
         baseline_dir = output_dir / "baseline"
-        # The key covers the recipe and the metric definitions, so a change of either retrains the baseline.
-        identity = baseline_recipe | {"output_dir": "", "metrics_version": METRICS_VERSION}
+        # The key covers the recipe, the metric definitions and the code (package, this script, torch and
+        # transformers versions), so that a cached baseline is what a cold run would train.
+        code = source_fingerprint(*sorted(PACKAGE.rglob("*.py")), Path(__file__).resolve())
+        identity = baseline_recipe | {"output_dir": "", "metrics_version": METRICS_VERSION, "code": code}
         key = hashlib.sha256(yaml.safe_dump(identity).encode()).hexdigest()[:16]
         cache = Path(args.cache_dir) / f"baseline-{key}.json"
         if cache.exists() and not args.resume_from_checkpoint:
@@ -367,12 +457,17 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         model, config = run["model"], run["config"]
         final = output_dir / "final"
-        model.save_pretrained(final)  # inference checkpoint: no aligners, no teachers
+        save_lora_adapter(model, output_dir / "lora_adapter")  # with --lora: the adapter alone, peft's format
+        merge_lora(model).save_pretrained(final)  # inference checkpoint: LoRA merged, no aligners, no teachers
         SAKImageProcessor(pad_size=config.image_size, size_divisor=config.patch_size[0]).save_pretrained(final)
         results = {name: r["results"] for name, r in runs.items()}
         if len(runs) == 2:
             results["Delta_m_vs_baseline"] = delta_m(runs["SAK"]["results"], runs["baseline"]["results"])
-        results |= {"loss_history": run["loss_history"], "skipped_rows": run["skipped_rows"]}
+        results |= {
+            "loss_history": run["loss_history"],
+            "lr_history": run["lr_history"],
+            "skipped_rows": run["skipped_rows"],
+        }
         if run["replicas"] is not None:
             results["replicas"] = run["replicas"]
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from modeling_sak.prepare_dataset import make_toyrooms
 
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 STEM = "{model_type: vit, hidden_size: 32, num_hidden_layers: 4, num_attention_heads: 2, intermediate_size: 64, patch_size: 8}"
 
 
@@ -46,7 +48,7 @@ def run(args: list[str], launcher: list[str] | None = None, check: bool = True) 
 
 
 def tiny_args(assets, output_dir, *extra) -> list[str]:
-    return ["--dataset", assets["data"], "--teachers", assets["teachers"], "--image_size", "[32, 48]",
+    return ["--dataset", assets["data"], "--teachers", assets["teachers"], "--image_size", "32", "48",
             "--stem", STEM, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "6",
             "--baseline", "false", "--warmup_steps", "0", "--learning_rate", "1e-3", "--output_dir", str(output_dir),
             "--cache_dir", str(output_dir / "cache"), "--stage1_steps", "0", *extra]  # fmt: skip
@@ -93,9 +95,14 @@ def test_stage2_run_writes_a_remote_code_loadable_model_results_pictures_and_car
 @pytest.mark.slow
 def test_stage1_distillation_run_on_an_image_dataset(assets, tmp_path):
     output = tmp_path / "stage1"
-    run(tiny_args(assets, output, "--stage", "1", "--image_size", "[32, 32]", "--max_steps", "3", "--eval_split", ""))
+    # A teacher with options (the recipe's mapping form): they reach the student's config.
+    teachers = json.loads(assets["teachers"])
+    teachers["geometry"] = {"model_id": teachers["geometry"], "position_interpolation": "bicubic"}
+    run(tiny_args(assets, output, "--stage", "1", "--image_size", "[32, 32]", "--max_steps", "3", "--eval_split", "",
+                  "--teachers", json.dumps(teachers)))  # fmt: skip
     config = json.loads((output / "final" / "config.json").read_text())
     assert config["tasks"] == [] and [next(iter(t)) for t in config["teachers"]] == ["geometry", "semantics"]
+    assert config["teachers"][0]["geometry"]["position_interpolation"] == "bicubic"
 
 
 @pytest.mark.slow
@@ -130,20 +137,52 @@ def test_a_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_checkpoint(a
     assert f"step {state['step'] + 1}:" in result.stderr
 
 
+def expected_learning_rates(kind: str, peak: float, steps: int, warmup: int, power: float = 0.9) -> list[float]:
+    """The rate of every optimizer step, restated from DESIGN (poly per iteration; cosine with linear warm-up)."""
+    rates = []
+    for k in range(steps):
+        if k < warmup:
+            rates.append(peak * (k + 1) / warmup)
+            continue
+        progress = (k - warmup) / (steps - warmup)
+        rates.append(peak * ((1 - progress) ** power if kind == "poly" else 0.5 * (1 + math.cos(math.pi * progress))))
+    return rates
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+
+
 @pytest.mark.slow
 def test_two_processes_keep_identical_replicas_and_match_one_process(assets, tmp_path):
-    common = ["--max_steps", "4", "--eval_split", "", "--noisy_gating", "false", "--verify_replicas", "true"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
-    run(tiny_args(assets, tmp_path / "two", *common, "--per_device_train_batch_size", "2"), launcher=launcher)
+    # Poly with warm-up, 2 batches accumulated per optimizer step, 2 DataLoader workers per process.
+    common = ["--max_steps", "4", "--eval_split", "", "--noisy_gating", "false", "--verify_replicas", "true",
+              "--lr_scheduler", "poly", "--warmup_steps", "1", "--gradient_accumulation_steps", "2",
+              "--num_workers", "2", "--checkpointing_steps", "2"]  # fmt: skip
+    run(tiny_args(assets, tmp_path / "two", *common, "--per_device_train_batch_size", "2"), launcher=TORCHRUN)
     run(tiny_args(assets, tmp_path / "one", *common, "--per_device_train_batch_size", "4"))
     two = json.loads((tmp_path / "two" / "all_results.json").read_text())
     one = json.loads((tmp_path / "one" / "all_results.json").read_text())
     assert two["replicas"] == {"processes": 2, "identical": True}
+    expected = expected_learning_rates("poly", 1e-3, 4, 1)
+    assert two["lr_history"] == pytest.approx(expected, rel=1e-12, abs=0)
+    assert one["lr_history"] == two["lr_history"]
+    for output in ("one", "two"):  # the scheduler saved at step 2 is 2 optimizer steps in, whatever the processes
+        scheduler = torch.load(tmp_path / output / "checkpoint-2" / "scheduler.bin", weights_only=False)
+        assert scheduler["_step_count"] == 3 and scheduler["_last_lr"][0] == pytest.approx(expected[2], rel=1e-12)
     losses_two, losses_one = two["loss_history"], one["loss_history"]
     assert len(losses_two) == len(losses_one) == 4
-    # Same initialisation and global batch size; different example order per process, BatchNorm per process.
+    # The same 8 rows per optimizer step on both; BatchNorm statistics and loss normalisation are per process batch.
     assert abs(losses_two[0] - losses_one[0]) / losses_one[0] < 0.25
     assert abs(sum(losses_two) - sum(losses_one)) / sum(losses_one) < 0.25
+
+
+@pytest.mark.slow
+def test_cosine_warm_up_follows_optimizer_steps_on_two_processes(assets, tmp_path):
+    run(tiny_args(assets, tmp_path / "cos", "--max_steps", "5", "--eval_split", "", "--lr_scheduler", "cosine",
+                  "--warmup_steps", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2",
+                  "--learning_rate", "0.002"), launcher=TORCHRUN)  # fmt: skip
+    results = json.loads((tmp_path / "cos" / "all_results.json").read_text())
+    assert results["lr_history"] == pytest.approx(expected_learning_rates("cosine", 2e-3, 5, 2), rel=1e-12, abs=0)
 
 
 def test_help_explains_every_flag():
@@ -154,6 +193,55 @@ def test_help_explains_every_flag():
 
     for key in DEFAULT_RECIPE:
         assert f"--{key}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "key", "value"),
+    [
+        (["--image_size", "448", "576"], "image_size", [448, 576]),  # the form --help gives
+        (["--image_size", "[448, 576]"], "image_size", [448, 576]),  # a YAML list, as in recipes
+        (["--scale_range", "0.5", "2"], "scale_range", [0.5, 2.0]),
+        (["--tasks", "semseg=40", "depth=1"], "tasks", {"semseg": 40, "depth": 1}),
+        (["--tasks", "{semseg: 40, depth: 1}"], "tasks", {"semseg": 40, "depth": 1}),
+        (["--task_loss_weights", "semseg=1", "depth=0.5"], "task_loss_weights", {"semseg": 1, "depth": 0.5}),
+        (["--stem", "hidden_size=384", "num_hidden_layers=12"], "stem", {"hidden_size": 384, "num_hidden_layers": 12}),
+        (["--toyrooms", "num_train=20", "num_test=4"], "toyrooms", {"num_train": 20, "num_test": 4}),
+        (["--lora", "r=4", "alpha=8"], "lora", {"r": 4, "alpha": 8}),
+        (["--lora", "{r: 4}"], "lora", {"r": 4}),
+        (["--teachers", "dinov2=facebook/dinov2-base", "sam=./sam"], "teachers", {"dinov2": "facebook/dinov2-base",
+                                                                                   "sam": "./sam"}),
+        (["--teachers", '{"clip": "openai/clip-vit-base-patch16"}'], "teachers", {"clip": "openai/clip-vit-base-patch16"}),
+        (["--teachers", "none"], "teachers", "none"),
+        (["--teachers", "toyrooms_specialists"], "teachers", "toyrooms_specialists"),
+        (["--noisy_gating", "false"], "noisy_gating", False),
+        (["--streaming", "True"], "streaming", True),
+        (["--train_limit", "12"], "train_limit", 12),
+        (["--train_limit", "none"], "train_limit", None),
+        (["--learning_rate", "2e-5"], "learning_rate", 2e-5),
+        (["--report_to", "tensorboard,wandb"], "report_to", "tensorboard,wandb"),
+    ],
+)  # fmt: skip
+def test_every_flag_form_that_help_documents_parses(argv, key, value):
+    from train_accelerate import parse_args
+
+    assert getattr(parse_args(argv), key) == value
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image_size", "448"], "--image_size 448: expected two numbers, e.g. --image_size 448 576"),
+        (["--image_size", "448.5", "576"], "expected two integers"),
+        (["--tasks", "semseg"], "expected KEY=VALUE pairs or a YAML/JSON mapping, e.g. --tasks semseg=40 depth=1"),
+        (["--noisy_gating", "maybe"], "'maybe' is not a boolean; write true or false"),
+    ],
+)
+def test_bad_flag_values_are_named_with_the_form_to_use(argv, message, capsys):
+    from train_accelerate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
 
 
 def test_unknown_recipe_keys_and_bad_values_fail_before_training(tmp_path):
@@ -167,3 +255,74 @@ def test_unknown_recipe_keys_and_bad_values_fail_before_training(tmp_path):
         load_recipe(None, {"stage": 3})
     with pytest.raises(ValueError, match="eval_boundary='fast'"):
         load_recipe(None, {"eval_boundary": "fast"})
+
+
+LOAD_AND_PREDICT = """
+import json, sys, torch
+sys.modules["modeling_sak"] = None  # the checkpoint's own code, as on a machine without this package
+from transformers import AutoModel
+report = {}
+for name, folder in json.loads(sys.argv[1]).items():
+    model, info = AutoModel.from_pretrained(folder, trust_remote_code=True, output_loading_info=True)
+    report[name] = {key: sorted(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    report[name]["parameters"] = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aligners."))
+    if model.config.tasks:
+        with torch.inference_mode():
+            torch.save(model.eval()(pixel_values=torch.load(sys.argv[2])).task_outputs, sys.argv[3])
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.slow
+def test_a_lora_run_saves_merged_weights_that_reload_with_no_missing_keys_and_the_trained_outputs(assets, tmp_path):
+    from peft import get_peft_model_state_dict
+
+    from modeling_sak import SAKConfig, SAKForMultiTask
+    from modeling_sak.training import apply_lora
+
+    output = tmp_path / "lora"
+    common = ["--lora", "{r: 4}", "--stage1_steps", "2", "--checkpointing_steps", "2", "--eval_split", ""]
+    run(tiny_args(assets, output, *common, "--max_steps", "3"))
+
+    # The trained model as training left it: LoRA layers, the last checkpoint's weights, eval mode. The checkpoint
+    # holds the stage-2 model alone (stage 1 shared the Accelerator and was let go of).
+    assert sorted(p.name for p in (output / "checkpoint-3").glob("model*.safetensors")) == ["model.safetensors"]
+    trained = apply_lora(SAKForMultiTask(SAKConfig.from_pretrained(output / "final")), {"r": 4})
+    state = load_file(output / "checkpoint-3" / "model.safetensors")
+    trained.load_state_dict(state)  # strict: the checkpoint keeps the LoRA keys, so resume rebuilds the same model
+    trained.eval()
+    assert any(value.abs().sum() > 0 for key, value in state.items() if "lora_B" in key)  # LoRA was trained
+
+    pixel_values = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    torch.save(pixel_values, tmp_path / "pixel_values.pt")
+    folders = {"stage1": str(output / "stage1" / "final"), "final": str(output / "final")}
+    loaded = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, json.dumps(folders), str(tmp_path / "pixel_values.pt"),
+                             str(tmp_path / "outputs.pt")], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    report = json.loads(loaded.stdout.strip().splitlines()[-1])
+    for name in folders:
+        assert report[name]["missing_keys"] == report[name]["unexpected_keys"] == [], (name, report[name])
+        assert report[name]["mismatched_keys"] == [], name
+    saved = load_file(output / "final" / "model.safetensors")
+    assert not any("lora" in key or "base_layer" in key for key in saved)
+    qkv = "stem.layers.0.attention.qkv"
+    assert not torch.equal(saved[f"{qkv}.weight"], state[f"{qkv}.base_layer.weight"])  # the merged weight
+
+    with torch.inference_mode():
+        expected = trained(pixel_values=pixel_values).task_outputs
+    reloaded = torch.load(tmp_path / "outputs.pt")
+    assert reloaded.keys() == expected.keys()
+    for task, value in expected.items():
+        torch.testing.assert_close(reloaded[task], value, atol=1e-5, rtol=1e-5, msg=task)
+
+    # The adapter alone, peft's way, and the card's parameter count of the merged model.
+    adapter = output / "lora_adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+    stored, trained_adapter = load_file(adapter / "adapter_model.safetensors"), get_peft_model_state_dict(trained.stem)
+    assert stored.keys() == trained_adapter.keys() and all(torch.equal(stored[k], trained_adapter[k]) for k in stored)
+    assert f"Parameters: {report['final']['parameters'] / 1e6:.2f}M" in (output / "final" / "README.md").read_text()
+
+    resumed = run(tiny_args(assets, output, *common, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
+    assert "at step 3" in resumed.stdout
+    assert load_file(output / "final" / "model.safetensors").keys() == saved.keys()

@@ -2,11 +2,11 @@
 
     split = load_multitask_split("org/nyud-v2-multitask", "train", streaming=True)   # or a local folder
     stream = MultiTaskStream(split, MultiTaskTransform(train=True), tasks=["semseg", "depth"], train=True,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+                             rank=accelerator.process_index, world_size=accelerator.num_processes, batch_size=2)
     loader = DataLoader(stream, batch_size=2, collate_fn=stream.collate, num_workers=2)
 
-Each process reads its own part of the stream (`datasets.distributed.split_dataset_by_node`), so the loader must not
-be sharded again by `accelerator.prepare`; DataLoader workers split a process's part further by parquet shard.
+Each process reads its own part of the split and each DataLoader worker its own part of that (`SplitStream`: every row
+exactly once per epoch across processes x workers), so the loader must not be sharded again by `accelerator.prepare`.
 Rows that cannot be decoded, or whose labels do not match the image size, are skipped in training (each batch lists
 them in `batch["skipped"]`) and raise a `ValueError` naming the row in evaluation.
 """
@@ -22,7 +22,7 @@ from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers.utils import logging
 
-from .schema import IGNORE_INDEX, TASK_COLUMNS, _open, check_example, decode_example
+from .schema import IGNORE_INDEX, TASK_COLUMNS, check_example, decode_example, decode_image
 from .transforms import collate_multitask
 
 
@@ -83,17 +83,111 @@ def undecoded_images(dataset):
     return dataset
 
 
-class MultiTaskStream(torch.utils.data.IterableDataset):
-    """Decoded, checked and transformed examples of a `datasets` split for one process.
+class SplitStream(torch.utils.data.IterableDataset):
+    """The rows of a `datasets` split that one process and one DataLoader worker read, epoch by epoch.
+
+    Every row of the split is read exactly once per epoch across all processes x DataLoader workers:
+    - a local (map-style) split is reshuffled across processes every epoch (a permutation drawn from
+      `(shuffle_seed, epoch)`, as `DistributedSampler.set_epoch` does), then process `rank` takes every
+      `world_size`-th row of it, so that one optimizer step of W processes sees the rows that one process with W
+      times the batch would see. Without `shuffle_seed` (evaluation) it takes a contiguous part of the stored order,
+      whose batches are those of a single-process run (so metrics summed over processes equal it exactly). In training (`train=True`) the permutation is first extended by wrapping around to a
+      multiple of `world_size` (as `DistributedSampler` pads), so that every process has the same number of batches;
+      in evaluation no row is repeated. The process's rows are then dealt to DataLoader workers in whole blocks of
+      `batch_size` rows, block `k` to worker `k % num_workers`: the DataLoader's in-order round robin then yields
+      exactly the batches of a single-worker loader, whatever `num_workers` is.
+    - a streamed split (`datasets.IterableDataset`) is split by `datasets.distributed.split_dataset_by_node`, and
+      `datasets` itself deals its shards to DataLoader workers; `set_epoch` reshuffles it.
+
+    `start_at(batch, num_workers)` resumes inside an epoch by skipping rows before they are decoded.
+    """
+
+    def __init__(self, dataset, train: bool, rank: int = 0, world_size: int = 1, shuffle_seed: int | None = None,
+                 batch_size: int = 1):  # fmt: skip
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1 (the DataLoader's batch size)")
+        self.streaming = isinstance(dataset, IterableDataset)
+        if self.streaming and world_size > 1:
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.dataset = undecoded_images(dataset)
+        self.train, self.rank, self.world_size = train, rank, world_size
+        self.shuffle_seed, self.batch_size = shuffle_seed, batch_size
+        self.epoch, self.first_batch = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle for `epoch` (and start it from its first batch)."""
+        self.epoch, self.first_batch = epoch, 0
+        if self.streaming:
+            self.dataset.set_epoch(epoch)
+
+    def start_at(self, batch: int, num_workers: int) -> int:
+        """Begin the current epoch at batch `batch` of this process without decoding the rows before it.
+
+        Returns the index of the first batch a DataLoader over this stream (with `num_workers` workers and
+        `batch_size` rows a batch) will yield: `batch` itself for local data; for streamed data, whose rows `datasets`
+        deals to workers by shard, the start of the round of `num_workers` batches holding `batch` (the caller drops
+        the fewer than `num_workers` batches before `batch`, so the order stays that of an uninterrupted epoch).
+        """
+        if self.streaming:
+            workers = max(1, min(num_workers, self.dataset.num_shards))
+            self.first_batch = batch - batch % workers
+        else:
+            self.first_batch = batch
+        return self.first_batch
+
+    def process_rows(self) -> np.ndarray:
+        """Indices of the local split that this process reads in the current epoch, in order."""
+        count = len(self.dataset)
+        if self.shuffle_seed is None:
+            order = np.arange(count)
+        else:
+            order = np.random.default_rng([self.shuffle_seed, self.epoch]).permutation(count)
+        if self.train and count % self.world_size:  # wrap around, as DistributedSampler pads
+            order = np.resize(order, -(-count // self.world_size) * self.world_size)
+        if self.shuffle_seed is None:  # in stored order: a contiguous part, so its batches are single-process batches
+            return np.array_split(order, self.world_size)[self.rank]
+        return order[self.rank :: self.world_size]
+
+    def rows(self) -> Iterator[tuple[int, Any]]:
+        """(position, undecoded row) pairs of this process and DataLoader worker, from `first_batch` on."""
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if not self.streaming:
+            mine = self.process_rows()[self.first_batch * self.batch_size :]
+            blocks = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+            for block in blocks[worker::workers]:
+                for index in block:
+                    yield int(index), self.dataset[int(index)]
+            return
+        # datasets deals whole shards to the workers it can use: whole rounds of batches were read before first_batch.
+        active = max(1, min(workers, self.dataset.num_shards))
+        skip = self.first_batch // active * self.batch_size
+        read = -1
+        for read, row in enumerate(self.dataset):
+            if read >= skip:
+                yield read, row
+        if read + 1 < skip:
+            logger.warning(f"stream worker {worker}: resuming {skip} rows into epoch {self.epoch}, but its shards hold "
+                           f"only {read + 1} (it ran out before the checkpoint): the batches after the resume point may "
+                           "differ from those of an uninterrupted run")  # fmt: skip
+
+
+class MultiTaskStream(SplitStream):
+    """Decoded, checked and transformed examples of a `datasets` split for one process (see `SplitStream` for which
+    rows each process and DataLoader worker reads).
 
     Args:
         dataset: a `datasets.IterableDataset` or `Dataset` in the package schema (or a known layout).
         transform: callable over one decoded example (e.g. `MultiTaskTransform`); must return tensors.
         tasks: the model's tasks (batches hold `labels[task] = None` for tasks the data lacks).
-        train: skip bad rows (counted) instead of raising.
+        train: skip bad rows (counted) instead of raising; pad every process to the same number of rows.
         rank, world_size: this process's part of the data.
         column_mapping: a `COLUMN_MAPPINGS` entry for other layouts; by default looked up by dataset name.
-        shuffle_seed: reshuffle a map-style dataset every epoch with this seed + epoch (streams use `set_epoch`).
+        shuffle_seed: reshuffle a local split every epoch with (shuffle_seed, epoch) (streams use `set_epoch`).
+        batch_size: the DataLoader's batch size (rows are dealt to its workers in blocks of this size).
     """
 
     def __init__(
@@ -107,28 +201,15 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         column_mapping: Callable[[dict], dict] | None = None,
         dataset_name: str | None = None,
         shuffle_seed: int | None = None,
+        batch_size: int = 1,
     ):
-        super().__init__()
-        if world_size > 1:
-            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        dataset = undecoded_images(dataset)
-        self.dataset, self.transform, self.tasks, self.train = dataset, transform, list(tasks), train
+        super().__init__(dataset, train, rank, world_size, shuffle_seed, batch_size)
+        self.transform, self.tasks = transform, list(tasks)
         self.column_mapping = column_mapping or COLUMN_MAPPINGS.get(dataset_name or "")
-        self.shuffle_seed, self.epoch = shuffle_seed, 0
-        self._epoch_dataset = self._shuffled(0)
-
-    def _shuffled(self, epoch: int):
-        """A map-style dataset is reshuffled every epoch (seed + epoch); a stream shuffles itself with set_epoch."""
-        if self.shuffle_seed is None or isinstance(self.dataset, IterableDataset):
-            return self.dataset
-        return self.dataset.shuffle(seed=self.shuffle_seed + epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the stream and redraw augmentations for `epoch`."""
-        self.epoch = epoch
-        if isinstance(self.dataset, IterableDataset):
-            self.dataset.set_epoch(epoch)
-        self._epoch_dataset = self._shuffled(epoch)
+        """Reshuffle the rows and redraw augmentations for `epoch`."""
+        super().set_epoch(epoch)
         if hasattr(self.transform, "set_epoch"):
             self.transform.set_epoch(epoch)
 
@@ -140,7 +221,7 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         return self.transform(example)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for position, row in enumerate(self._epoch_dataset):
+        for position, row in self.rows():
             try:
                 yield self._prepare(row, position)
             except Exception as error:  # undecodable image, label of the wrong size, ...
@@ -158,36 +239,39 @@ class MultiTaskStream(torch.utils.data.IterableDataset):
         return batch
 
 
-class ImageStream(torch.utils.data.IterableDataset):
-    """Images only (stage-1 distillation on any Hub image dataset): `{"pixel_values"}` per row, bad rows skipped.
+class ImageStream(SplitStream):
+    """Images only (stage-1 distillation on any Hub image dataset): `{"pixel_values", "id"}` per row (see
+    `SplitStream` for which rows each process and DataLoader worker reads); bad rows are skipped and listed in
+    `batch["skipped"]` by `collate`.
 
     `make_transform(epoch)` returns the per-example transform of an epoch (e.g. `partial(stage1_transform, True,
     384, seed)`), so that augmentation is redrawn every epoch.
     """
 
     def __init__(self, dataset, make_transform: Callable[[int], Callable], rank: int = 0, world_size: int = 1,
-                 shuffle_seed: int | None = None):  # fmt: skip
-        super().__init__()
-        if world_size > 1:
-            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        self.dataset, self.make_transform, self.shuffle_seed, self.epoch = dataset, make_transform, shuffle_seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if isinstance(self.dataset, IterableDataset):
-            self.dataset.set_epoch(epoch)
+                 shuffle_seed: int | None = None, batch_size: int = 1, train: bool = True):  # fmt: skip
+        super().__init__(dataset, train, rank, world_size, shuffle_seed, batch_size)
+        self.make_transform = make_transform
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        dataset = self.dataset
-        if self.shuffle_seed is not None and not isinstance(dataset, IterableDataset):
-            dataset = dataset.shuffle(seed=self.shuffle_seed + self.epoch)
         transform = self.make_transform(self.epoch)
-        for position, row in enumerate(dataset):
+        for position, row in self.rows():
+            row_id = str(row.get("id", f"row-{position}"))
             try:
-                image = _open(row["image"]).convert("RGB")
-                yield transform({"image": image, "id": str(row.get("id", position))})
+                yield transform({"image": decode_image(row["image"], row_id), "id": row_id}) | {"id": row_id}
             except Exception as error:
-                logger.warning(f"skipping image row {row.get('id', position)!r}: {error}")
+                logger.warning(f"skipping image row {row_id!r}: {error}")
+                yield {"skipped": f"{row_id}: {error}"}
+
+    @staticmethod
+    def collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """`{"pixel_values": (B, 3, H, W) or None, "ids", "skipped"}` over the good examples."""
+        good = [e for e in examples if "skipped" not in e]
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in good]) if good else None,
+            "ids": [e["id"] for e in good],
+            "skipped": [e["skipped"] for e in examples if "skipped" in e],
+        }
 
 
 def task_columns(dataset) -> list[str]:
