@@ -1,86 +1,33 @@
-"""What `train_accelerate.py` needs beside the loop: recipes, model building, optimizer groups, schedules, atomic
-checkpoints, the NaN guard, evaluation with process-summed metrics, and Delta_m."""
+"""What `train_accelerate.py` needs beside its story: data loaders, teachers, the student, optimizer groups,
+schedules, atomic checkpoints, the NaN guard, evaluation with process-summed metrics, LoRA merging."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
 import re
 import shutil
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from accelerate.utils import gather_object
 from transformers.utils import logging
 
 from .configuration_sak import SAKConfig
-from .evaluation.metrics import BOUNDARY_KINDS, make_metrics
+from .data.loading import COLUMN_MAPPINGS, ImageStream, MultiTaskStream, load_multitask_split, task_columns
+from .data.transforms import MultiTaskTransform, stage1_transform
+from .evaluation.metrics import make_metrics
 from .modeling_sak import SAKForMultiTask, resize_position_embeddings
+from .recipe import Recipe
+from .specialist_teachers import ensure_specialists, ensure_toyrooms
 
 
 logger = logging.get_logger(__name__)
-
-# The offline default: ToyRooms with its two specialist teachers; every value can be overridden from a recipe or flag.
-DEFAULT_RECIPE: dict[str, Any] = {
-    "stage": 2,
-    "dataset": "toyrooms",
-    "train_split": "train",
-    "train_limit": 200,
-    "eval_split": "test",
-    "eval_boundary": "bsds",
-    "fast_path": False,
-    "streaming": False,
-    "image_size": [96, 128],
-    "tasks": {"semseg": 7, "normals": 3, "edge": 1, "depth": 1},
-    "task_loss_weights": {"semseg": 1.0, "normals": 10.0, "edge": 50.0, "depth": 1.0},
-    "stem": {"model_type": "vit", "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3,
-             "intermediate_size": 384, "patch_size": 8, "layer_norm_eps": 1e-6},
-    "stem_model": None,
-    "teachers": "toyrooms_specialists",
-    "teacher_dtype": "float32",
-    "down_ratio": 4,
-    "router_type": "mor",
-    "noisy_gating": True,
-    "distill_alpha": 1.0,
-    "distill_loss_type": "cos+l1",
-    "photometric": False,
-    "scale_range": [0.75, 1.25],
-    "toyrooms": {"num_train": 2000, "num_test": 200, "seed": 0, "teacher_steps": {"geometry": 800, "semantics": 500}},
-    "stage1_steps": 200,
-    "max_steps": 300,
-    "per_device_train_batch_size": 8,
-    "per_device_eval_batch_size": 16,
-    "gradient_accumulation_steps": 1,
-    "learning_rate": 1e-3,
-    "weight_decay": 0.01,
-    "lr_scheduler": "cosine",
-    "warmup_steps": 20,
-    "poly_power": 0.9,
-    "max_grad_norm": 10.0,
-    "mixed_precision": "no",
-    "eval_steps": 0,
-    "checkpointing_steps": 100,
-    "checkpoints_total_limit": 2,
-    "logging_steps": 10,
-    "num_workers": 0,
-    "shuffle_buffer": 256,
-    "seed": 0,
-    "baseline": True,
-    "freeze_stem": False,
-    "train_only_routers": False,
-    "lora": None,
-    "init_from": None,
-    "verify_replicas": False,
-    "report_to": None,
-    "output_dir": "outputs/sak-toyrooms",
-}  # fmt: skip
-# What a YAML recipe starts from: the same keys, without the default run's ToyRooms-only choices.
-RECIPE_BASE: dict[str, Any] = DEFAULT_RECIPE | {"train_limit": None, "baseline": False, "stage1_steps": 0}
 
 
 def distributed_without_gpu() -> bool:
@@ -89,68 +36,105 @@ def distributed_without_gpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def load_recipe(path: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """DEFAULT_RECIPE (or RECIPE_BASE under a YAML recipe) <- YAML recipe <- command-line overrides (None means
-    "not given"); unknown keys are errors."""
-    recipe = copy.deepcopy(RECIPE_BASE if path else DEFAULT_RECIPE)
-    layers = []
-    if path:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist; see configs/ for the shipped recipes")
-        layers.append((path, yaml.safe_load(Path(path).read_text()) or {}))
-    layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
-    for source, layer in layers:
-        unknown = sorted(set(layer) - set(recipe))
-        if unknown:
-            raise ValueError(f"{source}: unknown recipe keys {unknown}; valid keys are {sorted(recipe)}")
-        recipe.update(layer)
-    if recipe["stage"] not in (1, 2):
-        raise ValueError(f"stage={recipe['stage']!r} must be 1 (distillation) or 2 (multi-task)")
-    if recipe["eval_boundary"] not in BOUNDARY_KINDS:
-        raise ValueError(f"eval_boundary={recipe['eval_boundary']!r} must be 'bsds' (the paper's odsF) or 'tolerance'")
-    return recipe
+def resolve_data_and_teachers(recipe: Recipe, cache_dir: str, accelerator) -> tuple[str, dict[str, dict[str, Any]]]:
+    """The dataset location (ToyRooms rendered or read from the cache) and the teacher specs of `SAKConfig.teachers`
+    (`{name: {hidden_size, model_id, **options}}`; empty without teachers), made once (main process first)."""
+    from .teachers import teacher_specs
+
+    dataset = recipe.dataset
+    if dataset == "toyrooms":
+        toy = recipe.toyrooms
+        with accelerator.main_process_first():
+            dataset = str(ensure_toyrooms(cache_dir, toy["num_train"], toy["num_test"], tuple(recipe.image_size),
+                                          toy["seed"]))  # fmt: skip
+    teachers = recipe.teachers
+    if teachers in (None, "none", {}):
+        return dataset, {}
+    if teachers == "toyrooms_specialists":
+        if recipe.dataset != "toyrooms":
+            raise ValueError("teachers 'toyrooms_specialists' need dataset 'toyrooms'; name Hub teachers instead")
+        with accelerator.main_process_first():
+            steps = recipe.toyrooms["teacher_steps"]
+            folders = ensure_specialists(dataset, cache_dir, steps, tuple(recipe.image_size))
+        teachers = {name: str(folder) for name, folder in folders.items()}
+    if not isinstance(teachers, dict):
+        raise ValueError(f"teachers={teachers!r} must map name -> Hub id / path, 'toyrooms_specialists' or 'none'")
+    return dataset, teacher_specs(teachers)
 
 
-def build_config(recipe: dict[str, Any], teachers: dict[str, dict[str, Any]]) -> SAKConfig:
+def make_loader(recipe: Recipe, dataset: str, split: str, train: bool, tasks: list[str], accelerator, seed: int):
+    """This process's DataLoader of a split. Not to be passed to `accelerator.prepare`: the stream reads this
+    process's part itself, every row once per epoch across processes x workers (`SplitStream`)."""
+    data = load_multitask_split(dataset, split, streaming=recipe.streaming,
+                                shuffle_buffer=recipe.shuffle_buffer if train and recipe.streaming else None,
+                                seed=seed)  # fmt: skip
+    if train and recipe.train_limit:
+        limit = recipe.train_limit
+        data = data.take(limit) if recipe.streaming else data.select(range(min(limit, len(data))))
+    batch_size = recipe.per_device_train_batch_size if train else recipe.per_device_eval_batch_size
+    split_args = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "batch_size": batch_size,
+                  "shuffle_seed": seed if train and not recipe.streaming else None}  # fmt: skip
+    columns = task_columns(data)  # may read a row of a stream: once
+    if recipe.stage == 1 and not columns:  # images only: any Hub image dataset, e.g. ImageNet-1k
+        transform = partial(stage1_transform, train, recipe.image_size[0], seed)
+        stream = ImageStream(data, transform, train=train, **split_args)
+    else:
+        missing = [t for t in tasks if t not in columns] if dataset not in COLUMN_MAPPINGS else []
+        if missing:
+            raise ValueError(
+                f"dataset {dataset!r} ({split}) has no column for the tasks {missing}; remove them from `tasks` or "
+                "convert the data with `python -m modeling_sak.prepare_dataset`"
+            )
+        transform = MultiTaskTransform(train=train, size=recipe.image_size, seed=seed, scale_range=recipe.scale_range,
+                                       photometric=recipe.photometric)  # fmt: skip
+        stream = MultiTaskStream(data, transform, tasks, train=train, dataset_name=dataset, **split_args)
+    # A DataLoader draws a seed whenever it starts iterating; from its own generator that draw leaves the global RNG
+    # (noisy gating, restored on resume) untouched, so a resumed run continues the same random sequence.
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=stream.collate,
+                                       num_workers=recipe.num_workers, generator=generator)  # fmt: skip
+
+
+def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]]) -> SAKConfig:
     """The student's `SAKConfig` from a recipe and resolved teacher specs (`{name: {hidden_size, model_id}}`)."""
-    stem = recipe["stem"]
-    if recipe.get("stem_model"):
+    stem = recipe.stem
+    if recipe.stem_model:
         from transformers import AutoConfig
 
-        stem = AutoConfig.from_pretrained(recipe["stem_model"]).to_dict()
+        stem = AutoConfig.from_pretrained(recipe.stem_model).to_dict()
     width = stem["hidden_size"]
     return SAKConfig(
         stem_config=stem,
-        image_size=recipe["image_size"],
+        image_size=recipe.image_size,
         teachers=teachers,
         use_aligners=any(spec["hidden_size"] != width for spec in teachers.values()),
-        down_ratio=recipe["down_ratio"],
-        router_type=recipe["router_type"],
-        noisy_gating=recipe["noisy_gating"],
-        tasks={} if recipe["stage"] == 1 else recipe["tasks"],
-        task_loss_weights=None if recipe["stage"] == 1 else recipe.get("task_loss_weights"),
-        distill_alpha=recipe["distill_alpha"],
-        distill_loss_type=recipe["distill_loss_type"],
+        down_ratio=recipe.down_ratio,
+        router_type=recipe.router_type,
+        noisy_gating=recipe.noisy_gating,
+        tasks={} if recipe.stage == 1 else recipe.tasks,
+        task_loss_weights=None if recipe.stage == 1 else recipe.task_loss_weights,
+        distill_alpha=recipe.distill_alpha,
+        distill_loss_type=recipe.distill_loss_type,
     )
 
 
-def build_model(config: SAKConfig, recipe: dict[str, Any]) -> SAKForMultiTask:
+def build_model(config: SAKConfig, recipe: Recipe) -> SAKForMultiTask:
     """A new student (stem from `stem_model` when given), then `init_from` weights and the freezing options."""
-    if recipe.get("stem_model"):
-        model = SAKForMultiTask.from_stem_pretrained(recipe["stem_model"], config=config)
+    if recipe.stem_model:
+        model = SAKForMultiTask.from_stem_pretrained(recipe.stem_model, config=config)
     else:
         model = SAKForMultiTask(config)
-    if recipe.get("init_from"):
-        report = load_matching_weights(model, recipe["init_from"])
+    if recipe.init_from:
+        report = load_matching_weights(model, recipe.init_from)
         logger.warning(
-            f"init_from {recipe['init_from']}: loaded {report['loaded']} tensors ({report['resized']} position "
+            f"init_from {recipe.init_from}: loaded {report['loaded']} tensors ({report['resized']} position "
             f"embeddings resized); newly initialised: {report['new'][:10]}{' ...' if len(report['new']) > 10 else ''}"
         )
-    if recipe.get("lora"):
-        model = apply_lora(model, recipe["lora"])
-    if recipe.get("freeze_stem"):
+    if recipe.lora:
+        model = apply_lora(model, recipe.lora)
+    if recipe.freeze_stem:
         model.stem.requires_grad_(False)
-    if recipe.get("train_only_routers"):
+    if recipe.train_only_routers:
         if model.routers is None:
             raise ValueError("train_only_routers needs router_type 'mor' and teachers")
         for name, parameter in model.named_parameters():
@@ -273,6 +257,15 @@ def resolve_checkpoint(output_dir: str | Path, value: str) -> Path:
     if not (path / "training_state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no training_state.json)")
     return path
+
+
+def training_state(step: int, epoch: int, batch_in_epoch: int, loss_history: list[float],
+                   lr_history: list[float]) -> dict[str, Any]:  # fmt: skip
+    """What a checkpoint needs beside accelerate's state: the step, the histories and every process's position in its
+    data (streamed parts can differ in length between processes, so each keeps its own epoch and batch). Call it on
+    every process: the positions are gathered."""
+    positions = gather_object([[epoch, batch_in_epoch]])
+    return {"step": step, "positions": positions, "loss_history": loss_history, "lr_history": lr_history}
 
 
 def evaluate(model, loader, accelerator, config: SAKConfig, boundary: str = "bsds") -> dict[str, dict[str, float]]:

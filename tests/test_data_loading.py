@@ -1,13 +1,10 @@
-"""Which rows each process and DataLoader worker reads, through the training script's own `make_loader`, with real
-parquet files and real DataLoader worker processes."""
+"""Which rows each process and DataLoader worker reads, through the training script's `make_loader`, with real parquet
+files and real DataLoader worker processes."""
 
 from __future__ import annotations
 
-import copy
 import io
-import sys
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,11 +14,8 @@ from datasets import Dataset, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
 from modeling_sak.prepare_dataset import make_toyrooms
-from modeling_sak.training import DEFAULT_RECIPE
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from train_accelerate import make_loader  # noqa: E402
+from modeling_sak.recipe import Recipe
+from modeling_sak.training import make_loader
 
 
 TASKS = ["semseg", "normals", "edge", "depth"]
@@ -46,10 +40,10 @@ def images_only(toy, tmp_path_factory):
     return str(folder.parent)
 
 
-def recipe(**overrides) -> dict:
-    base = copy.deepcopy(DEFAULT_RECIPE) | {"image_size": [16, 24], "per_device_train_batch_size": 3,
-                                            "per_device_eval_batch_size": 3, "photometric": False}  # fmt: skip
-    return base | overrides
+def recipe(**overrides) -> Recipe:
+    return Recipe(image_size=[16, 24], per_device_train_batch_size=3, per_device_eval_batch_size=3).replace(
+        **overrides
+    )
 
 
 def epoch_batches(loader, epoch: int, start: int = 0) -> list[dict]:
@@ -62,7 +56,7 @@ def epoch_batches(loader, epoch: int, start: int = 0) -> list[dict]:
 def read(toy, world_size: int, epoch: int = 0, train: bool = True, **overrides) -> list[list[dict]]:
     """The batches of every process of a `world_size`-process run in `epoch`."""
     settings = recipe(**overrides)
-    split = settings["train_split"] if train else "test"
+    split = settings.train_split if train else "test"
     processes = []
     for rank in range(world_size):
         accelerator = SimpleNamespace(process_index=rank, num_processes=world_size)  # what make_loader reads of it
