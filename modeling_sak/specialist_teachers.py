@@ -12,6 +12,7 @@ under a cache folder and reuse them afterwards.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -149,12 +150,32 @@ def _mean_depth(data_dir: str, size: tuple[int, int]) -> float:
     return total / max(count, 1)
 
 
+def source_fingerprint(*modules: str | Path) -> str:
+    """8 hex digits over the source of `modules` (paths relative to the package, e.g. "data/toyrooms.py", or
+    absolute) and the torch and transformers versions. Cached data, teachers and baselines carry it in their names, so
+    that a cache made by other code or versions is never reused: a warm run then computes what a cold run computes."""
+    import transformers
+
+    digest = hashlib.sha256(f"torch {torch.__version__} transformers {transformers.__version__}".encode())
+    for module in modules:
+        digest.update((PACKAGE / module).read_bytes())
+    return digest.hexdigest()[:8]
+
+
+PACKAGE = Path(__file__).resolve().parent
+# The code that renders ToyRooms, and that plus what trains a specialist on it.
+TOYROOMS_SOURCES = ("data/toyrooms.py", "data/schema.py", "prepare_dataset.py")
+SPECIALIST_SOURCES = (*TOYROOMS_SOURCES, "specialist_teachers.py", "data/loading.py", "data/transforms.py",
+                      "losses.py")  # fmt: skip
+
+
 def ensure_toyrooms(cache_dir: str | Path = DEFAULT_CACHE, num_train: int = 2000, num_test: int = 200,
                     size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:  # fmt: skip
-    """The ToyRooms folder for these settings, rendered on first use."""
+    """The ToyRooms folder for these settings and this code, rendered on first use."""
     from .prepare_dataset import make_toyrooms
 
-    folder = Path(cache_dir) / f"toyrooms-s{seed}-{size[0]}x{size[1]}-{num_train}-{num_test}"
+    key = source_fingerprint(*TOYROOMS_SOURCES)
+    folder = Path(cache_dir) / f"toyrooms-s{seed}-{size[0]}x{size[1]}-{num_train}-{num_test}-{key}"
     if not (folder / "README.md").exists():  # the card is written last: its presence means a complete folder
         make_toyrooms(folder, num_train, num_test, size, seed)
     return folder
@@ -162,11 +183,11 @@ def ensure_toyrooms(cache_dir: str | Path = DEFAULT_CACHE, num_train: int = 2000
 
 def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE, steps: int | dict[str, int] = 600,
                        size: tuple[int, int] = (96, 128), **kwargs) -> dict[str, Path]:  # fmt: skip
-    """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder and settings).
+    """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder, settings and code).
 
     `steps` is one number or one per teacher (`{"geometry": 1000, "semantics": 300}`: depth is harder to learn)."""
     folders = {}
-    shape = "-".join(f"{k}{kwargs[k]}" for k in sorted(kwargs))
+    shape = "-".join([f"{k}{kwargs[k]}" for k in sorted(kwargs)] + [source_fingerprint(*SPECIALIST_SOURCES)])
     for kind in SPECIALISTS:
         kind_steps = steps[kind] if isinstance(steps, dict) else steps
         folder = (

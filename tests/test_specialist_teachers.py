@@ -7,7 +7,12 @@ import json
 import torch
 
 from modeling_sak import SAKConfig
-from modeling_sak.specialist_teachers import ensure_specialists, ensure_toyrooms
+from modeling_sak.specialist_teachers import (
+    TOYROOMS_SOURCES,
+    ensure_specialists,
+    ensure_toyrooms,
+    source_fingerprint,
+)
 from modeling_sak.teachers import SAKTeachers
 
 
@@ -33,3 +38,19 @@ def test_specialists_train_save_and_load_as_sak_teachers(tmp_path, monkeypatch):
     stamp = (folders["geometry"] / "model.safetensors").stat().st_mtime_ns
     again = ensure_specialists(data, tmp_path, steps=2, size=(32, 48), width=32, depth=4, patch=8, batch_size=4)
     assert again == folders and (folders["geometry"] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_caches_are_keyed_by_the_code_and_versions_that_made_them(tmp_path, monkeypatch):
+    source = tmp_path / "renderer.py"
+    source.write_text("SCALE = 1\n")
+    before = source_fingerprint(source)
+    assert source_fingerprint(source) == before  # deterministic
+    source.write_text("SCALE = 2\n")
+    assert source_fingerprint(source) != before  # an edited renderer is a new cache
+    edited = source_fingerprint(source)
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert source_fingerprint(source) != edited  # so is another torch
+    monkeypatch.undo()
+    # The default run's cache folders carry the fingerprint of the code that fills them.
+    data = ensure_toyrooms(tmp_path, num_train=2, num_test=1, size=(16, 24))
+    assert data.name.endswith(source_fingerprint(*TOYROOMS_SOURCES))
