@@ -14,8 +14,8 @@ warm-up run), and the median over all timed runs is reported.
     bfloat16), and with `--compile` `fast+compile` (compile time reported separately);
 (b) a stage-2 training step (3 teachers under inference mode + student forward/backward + gradient clipping + AdamW
     step) at `--train_size` (default 224x288; SAM still sees its native 1024x1024 input), batch `--train_batch`:
-    `fp32`, `bf16-teachers`, `bf16-teachers+autocast`, `fast` (bf16 teachers, bf16 autocast as accelerate's
-    mixed_precision="bf16" applies it, `optimize_for_training()`);
+    `fp32`, `bf16-teachers`, `bf16-teachers+autocast` (bf16 autocast as accelerate's mixed_precision="bf16" applies
+    it);
 (c) peak memory per configuration;
 (d) FLOPs counted with `torch.utils.flop_counter.FlopCounterMode`, and the achieved rate against this machine's
     large-matmul rate in float32 and bfloat16 (measured first, `--threads` threads);
@@ -47,7 +47,7 @@ import torch.utils.flop_counter
 
 
 INFERENCE_VARIANTS = ("fp32", "fp32+autocast", "fast-fp32", "fast")
-TRAINING_VARIANTS = ("fp32", "bf16-teachers", "bf16-teachers+autocast", "fast")
+TRAINING_VARIANTS = ("fp32", "bf16-teachers", "bf16-teachers+autocast")
 TEACHERS = ("dinov2", "clip", "sam")
 
 
@@ -215,9 +215,7 @@ def training_worker(job: dict) -> dict:
     model = build_student(size, job["seed"]).train()
     teacher_dtype = torch.float32 if variant == "fp32" else torch.bfloat16
     teachers = build_teachers(job["seed"] + 2, teacher_dtype)
-    autocast = variant in ("bf16-teachers+autocast", "fast")
-    if variant == "fast":
-        model.optimize_for_training()
+    autocast = variant == "bf16-teachers+autocast"
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-6)
     pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(job["seed"] + 1))
     labels = nyud_labels(batch, *size, seed=job["seed"] + 3)
@@ -315,9 +313,10 @@ def output_accuracy(outputs: dict[str, torch.Tensor], reference: dict[str, torch
 
 def trained_model_accuracy(path: str, num_images: int) -> dict:
     """fp32 vs the fast path (bf16 and fp32) of a trained checkpoint over rendered ToyRooms test scenes."""
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     from modeling_sak import SAKForMultiTask
     from modeling_sak.data.toyrooms import render
-    from modeling_sak.image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     model = SAKForMultiTask.from_pretrained(path).eval()
     height, width = model.config.image_size

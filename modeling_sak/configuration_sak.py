@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Literal, get_args
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -15,8 +15,10 @@ logger = logging.get_logger(__name__)
 # Stem families whose architecture SAK rebuilds from the embedded transformers config (see `SAKStem`).
 SUPPORTED_STEM_TYPES = ("vit", "dinov2", "dinov2_with_registers")
 
-ROUTER_TYPES = ("mor", "none")
-DISTILL_LOSS_TYPES = ("cos+l1", "cos", "l2")
+RouterType = Literal["mor", "none"]
+DistillLossType = Literal["cos+l1", "cos", "l2"]
+ROUTER_TYPES = get_args(RouterType)
+DISTILL_LOSS_TYPES = get_args(DistillLossType)
 
 # Loss used for a task when `task_loss_types` does not name one (DESIGN section 2, task losses).
 TASK_LOSS_TYPES = ("cross_entropy", "normals_l1", "balanced_bce", "l1", "balanced_cross_entropy")
@@ -201,16 +203,16 @@ class SAKConfig(PreTrainedConfig):
     stem_config: dict | PreTrainedConfig | None = None
     image_size: int | list[int] | tuple[int, int] = (448, 576)
     out_indices: list[int] | tuple[int, ...] | None = None
-    teachers: dict | list | None = None
+    teachers: dict[str, int | dict[str, Any]] | list[dict[str, Any]] | None = None
     down_ratio: int = 4
     use_aligners: bool = False
-    router_type: str = "mor"
+    router_type: RouterType = "mor"
     noisy_gating: bool = True
-    tasks: dict | list | str | None = "nyud_v2"
-    task_loss_weights: dict | None = None
-    task_loss_types: dict | None = None
+    tasks: dict[str, int] | list[dict[str, int]] | str | None = "nyud_v2"
+    task_loss_weights: dict[str, float] | None = None
+    task_loss_types: dict[str, str] | None = None
     edge_pos_weight: float = 0.95
-    distill_loss_type: str = "cos+l1"
+    distill_loss_type: DistillLossType = "cos+l1"
     distill_alpha: float = 1.0
     semantic_loss_ignore_index: int = 255
     initializer_range: float = 0.02
@@ -246,9 +248,12 @@ class SAKConfig(PreTrainedConfig):
         if self.out_indices is None:
             self.out_indices = default_out_indices(self.stem_config.num_hidden_layers)
         self.out_indices = list(self.out_indices)
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Check every field together; a `ValueError` names the bad value and the fix. Runs at construction and
+        again in `save_pretrained`, after transformers' own checks."""
+        super().validate()
         stem = self.stem_config
         if stem.model_type not in SUPPORTED_STEM_TYPES:
             raise ValueError(

@@ -1,14 +1,17 @@
 """Task and distillation losses of SAK, exactly as the reference implementation computes them.
 
-Every task loss ignores the label value `ignore_index` (255) and divides a sum by the number of valid *pixels*
-(not elements), so a 3-channel normal map counts each pixel once. Losses are computed in float32 whatever the
-autocast dtype of the model outputs.
+Every task loss ignores the label value `ignore_index` (255) and divides a sum by the number of valid *pixels* (not
+elements), so a 3-channel normal map counts each pixel once. Losses are computed in float32 whatever the autocast
+dtype of the model outputs. `sak_loss` assembles the training loss of `SAKForMultiTask` from them: it checks the
+labels and the teacher features, weights the task losses and adds `distill_alpha` times the distillation total.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .configuration_sak import SAKConfig
 
 
 def _as_label_map(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -140,3 +143,94 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: s
     if loss_type == "cos+l1":
         return 0.9 * cosine + 0.1 * F.smooth_l1_loss(student, teacher, beta=1.0)
     raise ValueError(f"distill_loss_type={loss_type!r} is not one of ['cos+l1', 'cos', 'l2']")
+
+
+def sak_loss(
+    config: SAKConfig,
+    task_outputs: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor | None] | None = None,
+    student_features: dict[str, tuple[torch.Tensor, ...]] | None = None,
+    teacher_features: dict[str, list[torch.Tensor] | tuple[torch.Tensor, ...]] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """SAK's training loss: `(loss, task_losses, distill_losses)`.
+
+    `loss = sum_t task_loss_weights[t] * task_losses[t] + distill_alpha * sum(distill_losses)`; a part whose input is
+    None is left out (and returned as None). `task_losses` holds the unweighted loss of every task with a label;
+    `distill_losses` the loss per teacher and level, keyed `"{teacher}_level{k}"` (k = 1..num_levels), between each
+    `student_features[teacher]` map and the matching `teacher_features[teacher]` map.
+    """
+    loss = task_losses = distill_losses = None
+    if labels is not None:
+        task_losses = task_losses_of(config, task_outputs, labels)
+        loss = sum(config.task_loss_weights[task] * value for task, value in task_losses.items())
+    if teacher_features is not None:
+        distill_losses = distillation_losses_of(config, student_features or {}, teacher_features)
+        distill_total = config.distill_alpha * sum(distill_losses.values())
+        loss = distill_total if loss is None else loss + distill_total
+    return loss, task_losses, distill_losses
+
+
+def task_losses_of(
+    config: SAKConfig, task_outputs: dict[str, torch.Tensor], labels: dict[str, torch.Tensor | None]
+) -> dict[str, torch.Tensor]:
+    """The unweighted loss of every task whose label is not None; every task of the model needs an entry."""
+    if not isinstance(labels, dict):
+        raise ValueError(f"labels must be a dict task -> tensor, got {type(labels).__name__}")
+    unknown = sorted(set(labels) - set(task_outputs))
+    if unknown:
+        raise ValueError(f"labels name unknown tasks {unknown}; the model's tasks are {list(task_outputs)}")
+    missing = [task for task in task_outputs if task not in labels]
+    if missing:
+        raise ValueError(
+            f"labels lack the tasks {missing}; give a label for every task of the model "
+            f"({list(task_outputs)}), or pass labels[task]=None to skip one"
+        )
+    return {
+        task: task_loss(
+            config.task_loss_types[task],
+            task_outputs[task],
+            label.to(task_outputs[task].device),
+            task,
+            ignore_index=config.semantic_loss_ignore_index,
+            pos_weight=config.edge_pos_weight,
+        )
+        for task, label in labels.items()
+        if label is not None
+    }
+
+
+def distillation_losses_of(
+    config: SAKConfig,
+    student_features: dict[str, tuple[torch.Tensor, ...]],
+    teacher_features: dict[str, list[torch.Tensor] | tuple[torch.Tensor, ...]],
+) -> dict[str, torch.Tensor]:
+    """The distillation loss per teacher and level, after checking that `teacher_features` holds one
+    `(batch_size, teacher_hidden_size, h, w)` map per level for exactly the config's teachers."""
+    if not isinstance(teacher_features, dict):
+        raise ValueError(f"teacher_features must be a dict teacher -> list of maps, got {type(teacher_features)}")
+    expected = list(config.teachers)
+    if set(teacher_features) != set(expected):
+        raise ValueError(
+            f"teacher_features has teachers {sorted(teacher_features)} but the model distils {expected}; "
+            "give one entry per teacher of the config"
+        )
+    num_levels = len(config.out_indices)
+    losses = {}
+    for name in expected:
+        maps, width = teacher_features[name], config.teachers[name]["hidden_size"]
+        if not isinstance(maps, list | tuple) or len(maps) != num_levels:
+            count = len(maps) if isinstance(maps, list | tuple) else type(maps).__name__
+            raise ValueError(
+                f"teacher_features['{name}'] must hold {num_levels} maps (one per output level), got {count}"
+            )
+        for level, (student, teacher) in enumerate(zip(student_features[name], maps), start=1):
+            batch_size = student.shape[0]
+            if teacher.dim() != 4 or teacher.shape[0] != batch_size or teacher.shape[1] != width:
+                raise ValueError(
+                    f"teacher_features['{name}'][{level - 1}] must be (batch_size={batch_size}, {width}, h, w), "
+                    f"got {tuple(teacher.shape)}"
+                )
+            losses[f"{name}_level{level}"] = distillation_loss(
+                student, teacher.to(student.device), config.distill_loss_type
+            )
+    return losses

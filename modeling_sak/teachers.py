@@ -1,15 +1,18 @@
 """The frozen teacher committee of SAK: vision foundation models producing the distillation targets.
 
+    model = from_stem_and_teachers("google/vit-base-patch16-384", {"dinov2": "facebook/dinov2-base", ...})
     teachers = SAKTeachers.from_config(model.config, dtype=torch.bfloat16)
     teacher_features = teachers(pixel_values)   # {teacher: [4 maps (B, C_t, h_t, w_t)]}
     loss = model(pixel_values, labels=labels, teacher_features=teacher_features).loss
 
-or attach them to the student (`model.load_teachers()`), after which a training-mode forward with no
-`teacher_features` computes them itself. Teachers are never part of the student's state dict.
+Training code only: the student never imports this module, and teachers are never part of its state dict.
 
 A teacher is a transformers model (Hub id or folder) or, with the optional `timm` extra, a timm model
 (`timm/NAME.TAG`, `timm:NAME.TAG`, `hf-hub:ORG/NAME`, `local-dir:PATH` or a folder saved by timm; see
 `modeling_sak.timm_teachers`). Both give the targets the reference's teachers give (README, "Teachers").
+
+Over 500 lines on purpose: one concept, the committee (resolving teacher specs and the student config they imply,
+each family's input, position and output rules, the committee itself and its feature cache), kept in one place.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from transformers.utils import logging
 
-from .configuration_sak import SAKConfig, default_out_indices
-from .image_processing_sak import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
-from .image_processing_sak import IMAGENET_DEFAULT_STD as IMAGENET_STD
+from .configuration_sak import DEFAULT_STEM_CONFIG, SAKConfig, default_out_indices
+from .modeling_sak import SAKForMultiTask
 
 
 logger = logging.get_logger(__name__)
@@ -142,6 +146,46 @@ def teacher_specs(model_ids: dict[str, str | dict[str, Any]], **hub_kwargs) -> d
         name: {key: value for key, value in spec.items() if key != "num_hidden_layers"}
         for name, spec in teacher_widths(model_ids, **hub_kwargs).items()
     }
+
+
+def student_config(
+    stem_config: PreTrainedConfig | dict[str, Any] | None,
+    teachers: dict[str, str | dict[str, Any]] | None,
+    hub_kwargs: dict[str, Any] | None = None,
+    **config_kwargs,
+) -> SAKConfig:
+    """The `SAKConfig` of a new student of `stem_config` distilling `teachers`.
+
+    `teachers` maps each name to a Hub id / folder or to `{"model_id": ..., **options}` (`TEACHER_OPTIONS`); their
+    widths come from their configs (no weights are read, `hub_kwargs` go to those reads) and the specs keep each
+    teacher's options; None or `{}` gives the no-teacher baseline. Aligners are switched on when a teacher's width
+    differs from the stem's (default stem: ViT-B/16). `config_kwargs` are the other `SAKConfig` fields (image_size,
+    tasks, router_type, ...).
+    """
+    stem = stem_config.to_dict() if isinstance(stem_config, PreTrainedConfig) else dict(stem_config or {})
+    stem = stem or dict(DEFAULT_STEM_CONFIG)
+    specs = teacher_specs(teachers, **(hub_kwargs or {})) if teachers else {}
+    width = stem.get("hidden_size", DEFAULT_STEM_CONFIG["hidden_size"])
+    wider = [name for name, spec in specs.items() if spec["hidden_size"] != width]
+    if wider and not config_kwargs.get("use_aligners", False):
+        logger.info(f"teachers {wider} are not {width} wide like the stem: switching aligners on")
+        config_kwargs["use_aligners"] = True
+    return SAKConfig(stem_config=stem, teachers=specs, **config_kwargs)
+
+
+def from_stem_and_teachers(
+    stem_name_or_path: str, teachers: dict[str, str | dict[str, Any]], **config_kwargs
+) -> SAKForMultiTask:
+    """A NEW student whose stem starts from a transformers ViT / DINOv2 checkpoint, configured for `teachers` by
+    [`student_config`], e.g. `from_stem_and_teachers("google/vit-base-patch16-384", {"dinov2": "facebook/dinov2-base",
+    "clip": "openai/clip-vit-base-patch16", "sam": "facebook/sam-vit-base"})`. `revision`, `cache_dir` and `token`
+    apply to every config and weight read; the other `config_kwargs` are `SAKConfig` fields. Load the committee with
+    `SAKTeachers.from_config(model.config)`.
+    """
+    hub_kwargs = {k: config_kwargs.pop(k) for k in ("revision", "cache_dir", "token") if k in config_kwargs}
+    stem = AutoConfig.from_pretrained(stem_name_or_path, **hub_kwargs)
+    config = student_config(stem, teachers, hub_kwargs=hub_kwargs, **config_kwargs)
+    return SAKForMultiTask.from_stem_pretrained(stem_name_or_path, config=config, **hub_kwargs)
 
 
 def sam_resize_and_pad(pixel_values: torch.Tensor, size: int) -> torch.Tensor:
@@ -655,9 +699,11 @@ __all__ = [
     "SAKTeacher",
     "SAKTeachers",
     "TeacherFeatureCache",
+    "from_stem_and_teachers",
     "load_teacher",
     "resample_position_embeddings",
     "sam_resize_and_pad",
+    "student_config",
     "teacher_specs",
     "teacher_widths",
 ]

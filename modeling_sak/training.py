@@ -96,18 +96,17 @@ def make_loader(recipe: Recipe, dataset: str, split: str, train: bool, tasks: li
 
 
 def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]]) -> SAKConfig:
-    """The student's `SAKConfig` from a recipe and resolved teacher specs (`{name: {hidden_size, model_id}}`)."""
-    stem = recipe.stem
-    if recipe.stem_model:
-        from transformers import AutoConfig
+    """The student's `SAKConfig` from a recipe and resolved teacher specs (`teachers.student_config`: aligners where a
+    teacher's width differs from the stem's)."""
+    from transformers import AutoConfig
 
-        stem = AutoConfig.from_pretrained(recipe.stem_model).to_dict()
-    width = stem["hidden_size"]
-    return SAKConfig(
-        stem_config=stem,
+    from .teachers import student_config
+
+    stem = AutoConfig.from_pretrained(recipe.stem_model) if recipe.stem_model else recipe.stem
+    return student_config(
+        stem,
+        teachers,
         image_size=recipe.image_size,
-        teachers=teachers,
-        use_aligners=any(spec["hidden_size"] != width for spec in teachers.values()),
         down_ratio=recipe.down_ratio,
         router_type=recipe.router_type,
         noisy_gating=recipe.noisy_gating,

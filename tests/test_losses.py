@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config
 
 from modeling_sak.losses import (
     balanced_bce_loss,
@@ -14,6 +15,7 @@ from modeling_sak.losses import (
     l1_loss,
     match_feature_grids,
     normals_l1_loss,
+    sak_loss,
     task_loss,
 )
 
@@ -96,3 +98,23 @@ def test_label_shape_errors_name_the_task():
         task_loss("l1", torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2), "depth")
     with pytest.raises(ValueError, match=r"labels\['normals'\] must be \(batch_size, 3"):
         task_loss("normals_l1", torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4), "normals")
+
+
+def test_sak_loss_weights_the_tasks_and_adds_alpha_times_the_distillation_total():
+    weights = {"depth": 2.0, "edge": 50.0}
+    config = tiny_config(
+        tasks={"depth": 1, "edge": 1}, task_loss_weights=weights, teachers={"clip": 32}, distill_alpha=0.5
+    )
+    outputs = {"depth": torch.rand(1, 1, 4, 6), "edge": torch.randn(1, 1, 4, 6)}
+    labels = {"depth": torch.rand(1, 1, 4, 6), "edge": (torch.rand(1, 1, 4, 6) > 0.5).float()}
+    student = {"clip": tuple(torch.randn(1, 32, 2, 3) for _ in range(4))}
+    teacher = {"clip": [torch.randn(1, 32, 2, 3) for _ in range(4)]}
+    loss, task_losses, distill_losses = sak_loss(config, outputs, labels, student, teacher)
+    assert task_losses["depth"] == task_loss("l1", outputs["depth"], labels["depth"], "depth")
+    assert list(distill_losses) == ["clip_level1", "clip_level2", "clip_level3", "clip_level4"]
+    expected = 2.0 * task_losses["depth"] + 50.0 * task_losses["edge"] + 0.5 * sum(distill_losses.values())
+    torch.testing.assert_close(loss, expected)
+    assert sak_loss(config, outputs, labels)[2] is None  # no teacher features: no distillation part
+    assert sak_loss(config, outputs, None, student, teacher)[1] is None  # no labels: no task part
+    with pytest.raises(ValueError, match="labels lack the tasks"):
+        sak_loss(config, outputs, {"depth": labels["depth"]})

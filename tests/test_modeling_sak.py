@@ -243,18 +243,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a.grad, b.grad, msg=name, atol=1e-5, rtol=1e-4)
 
 
-def test_sdpa_and_eager_attention_agree():
-    config = tiny_config()
-    sdpa = SAKForMultiTask(config).eval()
-    config_eager = tiny_config()
-    config_eager._attn_implementation = "eager"
-    eager = SAKForMultiTask(config_eager).eval()
-    eager.load_state_dict(sdpa.state_dict())
+@pytest.mark.parametrize("implementation", ["eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
+def test_attention_implementations_agree_with_sdpa(implementation):
+    """The stem attends through transformers' attention interface; every implementation gives SDPA's outputs."""
+    sdpa = SAKForMultiTask(tiny_config()).eval()
+    assert sdpa.config._attn_implementation == "sdpa"
+    other = AutoModel.from_config(tiny_config(), attn_implementation=implementation).eval()
+    assert other.config._attn_implementation == implementation
+    other.load_state_dict(sdpa.state_dict())
     x = image(2)
     with torch.no_grad():
-        a, b = sdpa(x).task_outputs, eager(x).task_outputs
-    for task in a:
-        torch.testing.assert_close(a[task], b[task], atol=1e-5, rtol=1e-5)
+        a, b = sdpa(x, output_hidden_states=True), other(x, output_hidden_states=True)
+    for task in a.task_outputs:
+        torch.testing.assert_close(a.task_outputs[task], b.task_outputs[task], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.hidden_states[-1], b.hidden_states[-1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -293,7 +295,12 @@ def test_training_step_save_and_reload_in_a_fresh_process_through_remote_code(tm
     assert any(k.startswith("teacher_paths.") for k in keys)
     saved = json.loads((checkpoint / "config.json").read_text())
     assert saved["auto_map"]["AutoModel"] == "modeling_sak.SAKForMultiTask"
-    assert {p.name for p in checkpoint.iterdir()} >= {"configuration_sak.py", "modeling_sak.py", "losses.py"}
+    assert {p.name for p in checkpoint.iterdir()} >= {
+        "configuration_sak.py",
+        "modeling_sak.py",
+        "losses.py",
+        "fast_path_sak.py",
+    }
 
     script = textwrap.dedent(
         f"""

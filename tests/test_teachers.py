@@ -48,8 +48,10 @@ from modeling_sak.teachers import (
     ResampledPositionEmbeddings,
     SAKTeachers,
     TeacherFeatureCache,
+    from_stem_and_teachers,
     load_teacher,
     sam_resize_and_pad,
+    student_config,
     teacher_specs,
     teacher_widths,
 )
@@ -182,24 +184,25 @@ def committee_config(family_dirs, **overrides):
     return tiny_config(teachers=teachers, **overrides)
 
 
-def test_attached_teachers_are_frozen_unsaved_and_used_in_training_only(family_dirs, tmp_path):
+def test_the_committee_is_frozen_unsaved_and_feeds_the_training_loop(family_dirs, tmp_path):
+    """The loop's story: teachers(pixel_values) -> model(pixel_values, labels, teacher_features) -> loss -> step."""
     model = SAKForMultiTask(committee_config(family_dirs, noisy_gating=False))
-    committee = model.load_teachers()
-    assert model.teachers is committee
+    committee = SAKTeachers.from_config(model.config)
     assert not any("model." in name for name in model.state_dict())  # no teacher tensor in the student
     teacher_before = {n: p.clone() for n, p in committee.teachers.named_parameters()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     x = torch.randn(2, 3, *TINY_IMAGE_SIZE)
-    out = model(x, labels=nyud_labels(2, *TINY_IMAGE_SIZE))
+    out = model(x, labels=nyud_labels(2, *TINY_IMAGE_SIZE), teacher_features=committee(x))
     assert set(out.distill_losses) == {f"{t}_level{k}" for t in ("dinov2", "clip", "sam") for k in range(1, 5)}
     out.loss.backward()
     assert all(p.grad is None for p in committee.teachers.parameters())
     optimizer.step()
     assert all(torch.equal(teacher_before[n], p) for n, p in committee.teachers.named_parameters())
 
+    assert model(x, labels=nyud_labels(2, *TINY_IMAGE_SIZE)).distill_losses is None  # the model never runs teachers
     model.eval()
-    assert model(x).distill_losses is None  # inference never runs the teachers
+    assert model(x).distill_losses is None
     model.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as handle:
         assert not any(k.split(".")[0] not in {"stem", "teacher_paths", "routers", "heads"} for k in handle.keys())
@@ -207,7 +210,7 @@ def test_attached_teachers_are_frozen_unsaved_and_used_in_training_only(family_d
 
 def test_distillation_loss_per_teacher_and_level_equals_a_hand_computed_value(family_dirs):
     model = SAKForMultiTask(committee_config(family_dirs)).train()
-    committee = model.load_teachers()
+    committee = SAKTeachers.from_config(model.config)
     x = torch.randn(1, 3, *TINY_IMAGE_SIZE)
     targets = committee(x)
     out = model(x, teacher_features=targets, output_student_features=True)
@@ -254,25 +257,38 @@ def test_new_sak_from_stem_and_teacher_ids_switches_aligners_on(family_dirs, tmp
     ViTModel(ViTConfig(**TOWER, image_size=[64, 96], patch_size=16, layer_norm_eps=1e-6)).save_pretrained(tmp_path)
     wide = tmp_path / "wide"
     Dinov2Model(Dinov2Config(**{**TOWER, "hidden_size": 48}, image_size=28, patch_size=14)).save_pretrained(wide)
-    model = SAKForMultiTask.from_stem_and_teachers(
-        str(tmp_path), {"dinov2": str(wide), "sam": str(family_dirs / "sam")}, load_teachers=True, image_size=[64, 96]
+    model = from_stem_and_teachers(
+        str(tmp_path), {"dinov2": str(wide), "sam": str(family_dirs / "sam")}, image_size=[64, 96]
     )
     assert model.config.use_aligners and model.config.teachers["dinov2"]["hidden_size"] == 48
     assert model.aligners["dinov2"][0].out_features == 48
+    committee = SAKTeachers.from_config(model.config)
     model.train()
-    out = model(torch.randn(1, 3, 64, 96), labels=nyud_labels(1, 64, 96))
+    x = torch.randn(1, 3, 64, 96)
+    out = model(x, labels=nyud_labels(1, 64, 96), teacher_features=committee(x))
     assert torch.isfinite(out.loss) and "dinov2_level4" in out.distill_losses
+
+
+def test_student_config_is_the_one_rule_for_teacher_specs_and_aligners(family_dirs):
+    stem = {"model_type": "vit", **TOWER, "patch_size": 16, "layer_norm_eps": 1e-6}
+    sam = {"sam": str(family_dirs / "sam")}
+    same = student_config(stem, sam, image_size=[64, 96], tasks={})
+    assert not same.use_aligners and same.tasks == {}
+    assert same.teachers["sam"] == {"model_id": sam["sam"], "hidden_size": 32, "out_indices": None}
+    narrow_stem = {**stem, "hidden_size": 16, "intermediate_size": 32}
+    assert student_config(narrow_stem, sam, image_size=[64, 96]).use_aligners  # SAM (32) is wider than the stem
+    assert student_config(stem, None, image_size=[64, 96]).teachers == {}
 
 
 def test_teacher_options_survive_from_stem_and_teachers_and_save_pretrained(family_dirs, tmp_path):
     ViTModel(ViTConfig(**TOWER, image_size=[64, 96], patch_size=16, layer_norm_eps=1e-6)).save_pretrained(tmp_path)
     sam = {"model_id": str(family_dirs / "sam"), "config_overrides": {"layer_norm_eps": 1e-5}}
-    model = SAKForMultiTask.from_stem_and_teachers(str(tmp_path), {"sam": sam}, image_size=[64, 96])
+    model = from_stem_and_teachers(str(tmp_path), {"sam": sam}, image_size=[64, 96])
     assert model.config.teachers["sam"] == {**sam, "hidden_size": 32, "out_indices": None}
     model.save_pretrained(tmp_path / "student")
     reloaded = SAKForMultiTask.from_pretrained(tmp_path / "student")
     assert reloaded.config.teachers["sam"]["config_overrides"] == {"layer_norm_eps": 1e-5}
-    assert reloaded.load_teachers().teachers["sam"].model.config.layer_norm_eps == 1e-5
+    assert SAKTeachers.from_config(reloaded.config).teachers["sam"].model.config.layer_norm_eps == 1e-5
 
 
 class NoHiddenConfig(PreTrainedConfig):

@@ -1,0 +1,106 @@
+"""The package's layering, enforced: what a checkpoint carries, and what those files may import."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from conftest import TINY_IMAGE_SIZE, tiny_config
+
+import modeling_sak
+from modeling_sak import SAKForMultiTask, SAKImageProcessor
+
+
+PACKAGE = Path(modeling_sak.__file__).parent
+# The files `save_pretrained` copies into a checkpoint: the model's and the processor's modules and every file they
+# reach by single-level relative imports (DESIGN.md section 5). Nothing of teachers, data, evaluation or training.
+CARRIED = {"configuration_sak.py", "modeling_sak.py", "losses.py", "fast_path_sak.py", "image_processing_sak.py"}
+# What a carried file may import besides the standard library and the other carried files: torch and transformers,
+# numpy and PIL for the image processor.
+ALLOWED_PACKAGES = {"torch", "transformers", "numpy", "PIL"}
+
+
+def test_a_checkpoint_carries_exactly_the_model_files_and_loads_without_the_package(tmp_path):
+    model = SAKForMultiTask(tiny_config(use_aligners=True, teachers={"dinov2": 48, "clip": 32, "sam": 32})).eval()
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+    SAKImageProcessor(pad_size=TINY_IMAGE_SIZE).save_pretrained(checkpoint)
+    assert {path.name for path in checkpoint.glob("*.py")} == CARRIED
+    assert not [path for path in checkpoint.rglob("*") if path.is_dir()]
+
+    x = torch.randn(2, 3, 70, 90, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).task_outputs
+        deployed = model.optimize_for_inference(dtype=None)(x).task_outputs
+    torch.save({"x": x, "expected": expected, "deployed": deployed}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy, torch
+        sys.modules["modeling_sak"] = None  # make the package unimportable: the code must come from the checkpoint
+        from transformers import AutoImageProcessor, AutoModel
+        model = AutoModel.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained({str(checkpoint)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            out = model(io["x"]).task_outputs
+            deployed = model.optimize_for_inference(dtype=None)(io["x"]).task_outputs
+        for task, value in io["expected"].items():
+            torch.testing.assert_close(out[task], value, atol=1e-6, rtol=0)
+            torch.testing.assert_close(deployed[task], io["deployed"][task], atol=1e-6, rtol=0)
+        inputs = processor(numpy.zeros((50, 70, 3), dtype=numpy.uint8), return_tensors="pt")
+        assert inputs["pixel_values"].shape[-2:] == {tuple(TINY_IMAGE_SIZE)!r}
+        words = ("teacher", "data", "evaluation", "training", "recipe")
+        loaded = sorted(name for name in sys.modules if name.startswith("transformers_modules"))
+        assert not [name for name in loaded if any(word in name.rsplit(".", 1)[-1] for word in words)], loaded
+        print("OK", sorted(name.rsplit(".", 1)[-1] for name in loaded))
+        """
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout, result.stdout
+
+
+def _imports(path: Path) -> list[tuple[int, str | None, list[str]]]:
+    """Every import of a file, nested ones included, as `(level, module, names)`."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.extend((0, alias.name, []) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.level, node.module, [alias.name for alias in node.names]))
+    return found
+
+
+def test_carried_files_import_only_torch_transformers_the_standard_library_and_each_other():
+    carried_modules = {name.removesuffix(".py") for name in CARRIED}
+    allowed = ALLOWED_PACKAGES | set(sys.stdlib_module_names)
+    problems = []
+    for name in sorted(CARRIED):
+        for level, module, names in _imports(PACKAGE / name):
+            if level == 0 and module.split(".")[0] not in allowed:
+                problems.append(f"{name}: import {module} (only {sorted(ALLOWED_PACKAGES)} and the standard library)")
+            elif level == 1 and module is None:
+                problems.append(f"{name}: from . import {names} (transformers carries only `from .file import x`)")
+            elif level == 1 and module not in carried_modules:
+                problems.append(f"{name}: from .{module} import ... (not a carried file: {sorted(carried_modules)})")
+            elif level > 1:
+                problems.append(f"{name}: a {level}-level relative import of {module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_carried_set_is_what_transformers_copies():
+    """transformers copies a module's file and, recursively, every file its relative imports name (even imports inside
+    functions): from the model and the processor that closure is exactly `CARRIED`."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    copied = set()
+    for entry in ("modeling_sak.py", "image_processing_sak.py"):
+        copied |= {entry, *(Path(path).name for path in get_relative_import_files(str(PACKAGE / entry)))}
+    assert copied == CARRIED
