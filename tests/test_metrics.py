@@ -81,7 +81,7 @@ def test_small_normal_angles_are_measured_accurately():
 def test_saliency_max_f_by_hand():
     label = torch.tensor([[[1, 1, 0, 0, 255]]])
     probability = torch.tensor([[[0.9, 0.3, 0.5, 0.01, 0.99]]])
-    metric = SaliencyMetric()
+    metric = SaliencyMetric(from_logits=False)
     metric.update(probability, label)
     # t <= 0.3: P = 2/3, R = 1 -> F = 1.3 * (2/3) / (0.3 * 2/3 + 1); 0.3 < t <= 0.5: P = 1/2, R = 1/2 -> F = 1/2;
     # 0.5 < t <= 0.9: P = 1, R = 1/2 -> F = 1.3 * 0.5 / (0.3 + 0.5) = 0.8125 (the best).
@@ -91,13 +91,39 @@ def test_saliency_max_f_by_hand():
     from_logits = SaliencyMetric()
     from_logits.update(logits, label)
     assert torch.equal(from_logits.counts, metric.counts)
-    other = SaliencyMetric()
+    other = SaliencyMetric(from_logits=False)
     other.update(torch.tensor([[[0.2]]]), torch.tensor([[[1]]]))
     merged = SaliencyMetric()
     merged.load_state({"counts": metric.state()["counts"] + other.state()["counts"]})
-    both = SaliencyMetric()
+    both = SaliencyMetric(from_logits=False)
     both.update(torch.tensor([[[0.9, 0.3, 0.5, 0.01, 0.99, 0.2]]]), torch.tensor([[[1, 1, 0, 0, 255, 1]]]))
     assert torch.equal(merged.counts, both.counts)
+
+
+def test_saliency_logits_inside_0_1_are_not_mistaken_for_probabilities():
+    """Issue 12: `from_logits` decides, not the values of a batch (these logits all lie inside [0, 1])."""
+    label = torch.tensor([[[1, 1, 0, 0, 255, 1]]])
+    logits = torch.tensor([[[0.9, 0.3, 0.5, 0.01, 0.99, 0.2]]])
+    on_logits, on_probabilities, misread = (
+        SaliencyMetric(),
+        SaliencyMetric(from_logits=False),
+        SaliencyMetric(from_logits=False),
+    )
+    on_logits.update(logits, label)  # one channel: sigmoid
+    on_probabilities.update(logits.sigmoid(), label)
+    misread.update(logits, label)
+    assert torch.equal(on_logits.counts, on_probabilities.counts)
+    assert not torch.equal(on_logits.counts, misread.counts)
+    two_class_logits = torch.stack([-logits, logits], dim=1)  # (B, 2, H, W), still inside [-1, 1]
+    two_class = SaliencyMetric()
+    two_class.update(two_class_logits, label)
+    two_class_probabilities = SaliencyMetric(from_logits=False)
+    two_class_probabilities.update(two_class_logits.softmax(1), label)
+    assert torch.equal(two_class.counts, two_class_probabilities.counts)
+    with pytest.raises(ValueError, match="SaliencyMetric: from_logits=False, but the predictions range over"):
+        SaliencyMetric(from_logits=False).update(logits - 0.5, label)
+    with pytest.raises(ValueError, match=r"neither \(B, 2, H, W\)"):
+        SaliencyMetric().update(torch.zeros(1, 3, 1, 6), label)
 
 
 def test_delta_m_against_the_papers_single_task_baselines():
@@ -115,6 +141,9 @@ def test_make_metrics_picks_the_dataset_tolerance_and_rejects_unknown_choices():
     pascal = make_metrics({"semseg": 21, "sal": 2, "edge": 1}, boundary="tolerance")
     assert isinstance(nyud["edge"], BoundaryMetric) and nyud["edge"].max_dist == 0.011
     assert pascal["edge"].max_dist == 0.0075 and isinstance(pascal["sal"], SaliencyMetric)
+    probabilities = make_metrics({"edge": 1, "sal": 2}, from_logits=False, num_workers=1)
+    assert probabilities["edge"].from_logits is False and probabilities["sal"].from_logits is False
+    assert make_metrics({"edge": 1, "sal": 2}, num_workers=1)["edge"].from_logits is True  # the model returns logits
     with pytest.raises(ValueError, match="boundary='fast'"):
         make_metrics({"edge": 1}, boundary="fast")
     with pytest.raises(ValueError, match="no metric for task 'albedo'"):

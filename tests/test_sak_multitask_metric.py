@@ -43,6 +43,17 @@ def test_loaded_by_path_it_equals_the_package_metrics_batch_by_batch(monkeypatch
     assert metric.compute() == {}  # compute() starts a new evaluation
 
 
+def test_from_logits_false_takes_probabilities(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    on_logits = evaluate.load(metric_module_path(), "nyud_v2")
+    on_probabilities = evaluate.load(metric_module_path(), "nyud_v2", from_logits=False)
+    labels = nyud_labels(2, 24, 32, seed=0)
+    logits = torch.rand(2, 1, 24, 32, generator=torch.Generator().manual_seed(0))  # logits inside [0, 1]
+    on_logits.add_batch(predictions={"edge": logits}, references={"edge": labels["edge"]})
+    on_probabilities.add_batch(predictions={"edge": logits.sigmoid()}, references={"edge": labels["edge"]})
+    assert on_logits.compute() == on_probabilities.compute()
+
+
 def test_bad_inputs_are_named(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     metric = evaluate.load(metric_module_path(), "nyud_v2", boundary="tolerance")

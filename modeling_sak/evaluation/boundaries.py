@@ -1,41 +1,55 @@
-"""BSDS-style boundary odsF (the SEISM protocol of the multi-task literature), in plain numpy / scipy / scikit-image.
+"""Boundary odsF exactly as the SAK paper computed it: the authors' SEISM fork, in plain numpy / scipy / scikit-image.
 
-What is computed, per image (`boundary_counts`):
+The paper's boundary numbers come from the MATLAB toolkit SEISM as forked by the SAK authors (innovator-zero/seism,
+called by the reference repository's `evaluation/edge_evaluation.py`). This module restates each of its steps from
+those files' behaviour (no MATLAB, BSDS or Dollar source is copied or bundled). Per image (`boundary_counts`):
 
-1. Crop prediction and label to the bounding box of the labelled pixels (label != 255: the padding goes away), so
-   the maximal distance and the border suppression refer to the real image.
-2. Non-maximum suppression of the boundary probability (`edge_nms`, Dollar's edgesNms recipe as used before SEISM):
-   orientation from the second derivatives of a triangle-smoothed copy (radius 4), a pixel is kept when its value times
-   1.01 is not below the bilinearly interpolated values 1..radius pixels away along the normal, and values are scaled
-   down linearly within 5 pixels of the image border. Predictions at ignored pixels inside the crop are then zeroed.
-3. Ground truth: label pixels > 0 (and != 255) are edges, thinned (`thin`, MATLAB `bwmorph(.., 'thin', inf)`).
-4. For each of the 101 SEISM thresholds (0.001, 0.01, 0.02, ..., 0.99, 0.999) the map is binarised with `>` (SEISM reads
-   its maps with `im2double(png) > threshold`; `strict=False` gives BSDS / Dollar's `>=`), thinned, and matched one to
-   one with the ground-truth pixels (`correspond_pixels`): a minimum-cost bipartite matching in which a pair costs its
-   Euclidean distance when at most `max_dist_fraction` x the diagonal of the cropped image apart, and every unmatched
-   pixel costs 100 x that distance (BSDS `correspondPixels`' outlier cost).
-5. The image's counts are a 4 x T int64 array: matched predicted pixels, predicted pixels, matched ground-truth pixels,
-   ground-truth pixels. They sum over images and processes; `BoundaryODSMetric` turns the summed counts into
-   precision = matched / predicted and recall = matched / ground truth per threshold, and odsF = the maximum F over the
-   thresholds (no interpolation between thresholds; 0 / 0 counts as 0 as in BSDS's `collect_eval_bdry`).
+0. Crop prediction and label to the bounding box of the labelled pixels (label != 255), so that the padding goes
+   away and maxDist and the border suppression refer to the real image. This step is ours: SEISM has no ignore label;
+   the reference crops its padding before writing the prediction PNG.
+1. Prediction PNG (reference `evaluation/save_img.py` via `utils.get_output`): `np.uint8(sigmoid(logits) * 255)`,
+   i.e. the float32 probability times 255, truncated (`prediction_png`).
+2. NMS (`nms_process.m`, `seism_nms`): E = convTri(png / 255, 1), the [1 2 1] / 4 triangle filter with symmetric
+   padding; orientation O = mod(atan(Oyy * sign(-Oxy) / (Oxx + 1e-5)), pi) from the second derivatives of
+   convTri(E, 4) (`edge_orientation`, MATLAB's sign(0) = 0); Dollar's NMS with radius 4, border suppression 5 and
+   multiplier 1.01 (`edge_nms`): a pixel is kept when its value times 1.01 is not below the bilinearly interpolated
+   values 1..4 pixels away on either side along the normal, and values within 5 pixels of the image border are scaled
+   down linearly (0, 1/5, ..., 4/5).
+3. The NMS output is written as `uint8(E * 255)`, MATLAB's rounding (half away from zero, saturating:
+   `matlab_uint8`), and read back / 255. Predictions at ignored pixels inside the crop are zeroed here (ours).
+4. Thresholds: the 99 values 0.01 ... 0.99 of `parameters.txt` (`SEISM_THRESHOLDS`); a pixel is an edge where
+   png / 255 >= t (`src/io/read_one_png.m`; the comparison is made in float64 on the 256 levels, as MATLAB does); the
+   binary map is thinned (`src/piotr_edges/edgesEvalImg.m`, thin = 1: `bwmorph(.., 'thin', inf)`, `thin`).
+5. Ground truth (`edgesEvalImg.m`): `bwmorph(seg2bmap(G), 'thin', inf)`. The label is treated as a segmentation
+   (`seg2bmap`, `src/misc/seg2bmap.m`): a pixel is marked where its value differs from its right, lower or
+   lower-right neighbour; the last row compares only with the right neighbour, the last column only with the lower
+   one, the bottom-right pixel is never marked. On NYUD-v2 SEISM's G is the binary boundary map itself, so a 1-pixel
+   boundary becomes a 2-pixel band that thinning brings back to one pixel. Here G = (label > 0) with ignored pixels
+   as 0, and marks on ignored pixels are dropped before thinning (ours).
+6. maxDist (`src/scripts/eval_method.m`, `seism_max_dist`): NYUD 0.011, 'Pascal' 0.01, any other database (the
+   reference passes 'PASCALContext') 0.0075, times the diagonal of the (cropped) image.
+7. Matching (BSDS `correspondPixels`, `correspond_pixels`): a minimum-cost one-to-one matching in which a pair costs
+   its Euclidean distance when at most maxDist apart and every unmatched pixel costs 100 x maxDist. The image's counts
+   are a 4 x T int64 array: cntP (matched predicted pixels), sumP (predicted pixels), cntR (matched ground-truth
+   pixels), sumR (ground-truth pixels); with one ground truth per image cntP = cntR.
 
-With a single ground truth per image (NYUD-v2, PASCAL-Context) matched predicted and matched ground-truth pixels are
-the same number; the two rows are kept for BSDS's format.
+`BoundaryODSMetric` sums the counts over the split (and processes); per threshold P, R and F follow
+`src/scripts/gather_measure.m` (`metrics.best_f_measure`: sumR = 0 gives R = 1, P = 0; sumP = 0 gives R = 0, P = 1;
+F = 0 where P + R = 0), and odsF is the maximum F over the thresholds, with no interpolation (`general_ods`). A split
+without any ground-truth boundary pixel reports NaN (SEISM would report 0).
 
-Known differences from the MATLAB SEISM / BSDS code (own code, licence-clean: no BSDS or Dollar source is used):
+Known differences from the MATLAB code:
 
 - The matching is solved exactly and deterministically: LAPJVsp (scipy's `min_weight_full_bipartite_matching`) on
-  the candidate pairs from a KD-tree, with one private "unmatched" column per pixel of the smaller side.
-  BSDS's CSA solver uses integer costs and a randomly sampled sparse outlier graph: it is randomised and finds slightly
-  fewer matches. The same formulation was measured on this project's machines within 1e-4 ODS of the MATLAB output
-  on 5 images, about 0.002 higher on near-perfect maps.
-- In the NMS orientation `atan(Oyy * sign(-Oxy) / (Oxx + 1e-5))`, sign(0) is taken as +1 (MATLAB: 0). This only
-  matters where Oxy is exactly 0 with Oyy != 0, i.e. exactly horizontal ridges, which Dollar's formula orients along
-  the ridge and so never thins (a blurred horizontal line keeps its full width).
-- Everything is float64 (Dollar's mex: float32) and nothing is quantised to 8 bits, whereas SEISM pipelines save the
-  prediction and the NMS output as 8-bit PNGs (ties, and slightly different extreme thresholds).
-- SEISM has no ignore label: cropping to the labelled box and zeroing predictions at ignored pixels inside it is this
-  package's handling of 255. Several ground-truth annotations per image (BSDS500) are not supported.
+  the candidate pairs from a KD-tree, with one private "unmatched" column per pixel of the smaller side. BSDS's CSA
+  solver uses integer costs and a randomly sampled sparse outlier graph: it is randomised and finds slightly fewer
+  matches. This formulation was measured within about 1e-4 ODS of BSDS `correspondPixels` on 5 images (about 0.002
+  higher on near-perfect maps).
+- Filtering, orientation and NMS run in float64 (MATLAB: single, in Dollar's SSE code); results can differ only
+  where E * 255 lies within float rounding of a .5 tie of the 8-bit rounding.
+- Several ground-truth annotations per image (BSDS500) are not supported. On PASCAL-Context SEISM's G is the
+  PASCAL-Context label map; here it is the boundary label the metric receives.
+- Images smaller than 2 pixels in either direction skip the NMS (MATLAB's would read outside the image).
 """
 
 from __future__ import annotations
@@ -54,14 +68,41 @@ from scipy.ndimage import correlate1d, distance_transform_edt
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
-from skimage.morphology import thin as _skimage_thin
 
-from .metrics import CountsMetric, best_f_measure
+from .metrics import CountsMetric, best_f_measure, binary_probability
 
 
 IGNORE_INDEX = 255
-SEISM_THRESHOLDS: tuple[float, ...] = (0.001, *(round(k / 100, 2) for k in range(1, 100)), 0.999)
+# parameters.txt of the authors' SEISM fork: the strings "0.01" ... "0.99", read with str2double
+SEISM_THRESHOLDS: tuple[float, ...] = tuple(float(f"0.{k:02d}") for k in range(1, 100))
+# eval_method.m: maxDist per SEISM database name; every other name gets SEISM_DEFAULT_MAX_DIST
+SEISM_MAX_DIST: dict[str, float] = {"NYUD": 0.011, "Pascal": 0.01}
+SEISM_DEFAULT_MAX_DIST = 0.0075
 OUTLIER_COST = 100.0  # BSDS correspondPixels: an unmatched pixel costs 100 x maxDist
+# nms_process.m: E = convTri(x, 1); O from convTri(E, 4); edgesNmsMex(E, O, 4, 5, 1.01, ...)
+PRESMOOTH_RADIUS, ORIENTATION_RADIUS = 1, 4
+NMS_RADIUS, NMS_BORDER, NMS_MULTIPLIER = 4, 5, 1.01
+
+
+def seism_max_dist(database: str) -> float:
+    """SEISM's maxDist (a fraction of the image diagonal) for a database name as `eval_method.m` chooses it."""
+    return SEISM_MAX_DIST.get(database, SEISM_DEFAULT_MAX_DIST)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8-bit images as the reference writes them
+
+
+def prediction_png(probability: np.ndarray) -> np.ndarray:
+    """The reference's edge PNG: `np.uint8(probability * 255)` on float32 values, i.e. truncated (not rounded)."""
+    scaled = np.asarray(probability, dtype=np.float32) * np.float32(255)
+    return np.floor(np.clip(np.nan_to_num(scaled), 0, 255)).astype(np.uint8)
+
+
+def matlab_uint8(values: np.ndarray) -> np.ndarray:
+    """MATLAB's `uint8(x)`: round half away from zero, saturate to [0, 255], NaN -> 0 (numpy rounds half to even)."""
+    values = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+    return np.clip(np.sign(values) * np.floor(np.abs(values) + 0.5), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -73,7 +114,7 @@ def conv_tri(image: np.ndarray, radius: float) -> np.ndarray:
     if radius <= 0:
         return np.asarray(image, dtype=np.float64)
     if radius <= 1:
-        # fractional radius: the [1 p 1] kernel whose variance matches a triangle of that radius
+        # fractional radius: the [1 p 1] kernel whose variance matches a triangle of that radius ([1 2 1] / 4 at 1)
         p = 12 / radius / (radius + 2) - 2
         kernel = np.array([1.0, p, 1.0]) / (2 + p)
     else:
@@ -84,18 +125,22 @@ def conv_tri(image: np.ndarray, radius: float) -> np.ndarray:
     return correlate1d(smoothed, kernel, axis=1, mode="reflect")
 
 
-def edge_orientation(probability: np.ndarray, smoothing_radius: float = 4) -> np.ndarray:
-    """Normal orientation in [0, pi) (angle of (column, row) direction) from second derivatives of the smoothed map."""
-    if min(np.shape(probability)) < 2:
-        return np.zeros(np.shape(probability))
-    smoothed = conv_tri(probability, smoothing_radius)
-    # np.gradient: central differences inside, one-sided at the border, like MATLAB's gradient
+def edge_orientation(edges: np.ndarray, smoothing_radius: float = ORIENTATION_RADIUS) -> np.ndarray:
+    """Normal orientation in [0, pi) (angle of the (column, row) direction) from second derivatives of a smoothed copy.
+
+    O = mod(atan(Oyy * sign(-Oxy) / (Oxx + 1e-5)), pi) with MATLAB's sign (sign(0) = 0): where Oxy is exactly 0 the
+    orientation is 0, so an exactly horizontal ridge is compared along itself and not thinned by the NMS (the
+    thinning of each binary map still makes it one pixel wide).
+    """
+    if min(np.shape(edges)) < 2:
+        return np.zeros(np.shape(edges))
+    smoothed = conv_tri(edges, smoothing_radius)
+    # np.gradient: central differences inside, one-sided at the border, like MATLAB's gradient / Dollar's gradient2
     grad_y, grad_x = np.gradient(smoothed)
     grad_xx = np.gradient(grad_x, axis=1)
     grad_xy, grad_yy = np.gradient(grad_y, axis=1), np.gradient(grad_y, axis=0)
-    sign = np.where(grad_xy > 0, -1.0, 1.0)  # sign(-Oxy) with sign(0) = +1, see the module docstring
     with np.errstate(divide="ignore", invalid="ignore"):
-        orientation = np.mod(np.arctan(grad_yy * sign / (grad_xx + 1e-5)), np.pi)
+        orientation = np.mod(np.arctan(grad_yy * np.sign(-grad_xy) / (grad_xx + 1e-5)), np.pi)
     return np.nan_to_num(orientation, nan=0.0)
 
 
@@ -115,14 +160,19 @@ def _bilinear(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def edge_nms(
-    probability: np.ndarray,
-    radius: int = 1,
-    suppression: int = 5,
-    multiplier: float = 1.01,
+    edges: np.ndarray,
+    radius: int = NMS_RADIUS,
+    suppression: int = NMS_BORDER,
+    multiplier: float = NMS_MULTIPLIER,
     orientation: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Dollar-style non-maximum suppression of an (H, W) boundary map; returns a float64 map of the same shape."""
-    edges = np.asarray(probability, dtype=np.float64)
+    """Dollar-style non-maximum suppression of an (H, W) boundary map; returns a float64 map of the same shape.
+
+    A non-zero pixel survives when `multiplier` x its value is not below the map bilinearly sampled at 1..`radius`
+    pixels on either side along the normal (`orientation`, default `edge_orientation(edges)`); comparisons use the
+    input map. Then values within `suppression` pixels of the border are scaled by 0, 1/s, ..., (s-1)/s.
+    """
+    edges = np.asarray(edges, dtype=np.float64)
     if edges.ndim != 2:
         raise ValueError(f"edge_nms expects an (H, W) map, got shape {edges.shape}; squeeze batch/channel dims first")
     height, width = edges.shape
@@ -134,9 +184,13 @@ def edge_nms(
     values = edges[rows, cols] * multiplier
     cos, sin = np.cos(orientation[rows, cols]), np.sin(orientation[rows, cols])
     keep = np.ones(rows.shape, dtype=bool)
-    for step in range(-radius, radius + 1):
-        if step:
-            keep &= values >= _bilinear(edges, cols + step * cos, rows + step * sin)
+    for step in range(1, radius + 1):
+        for signed in (step, -step):
+            candidates = np.flatnonzero(keep)  # pixels already suppressed need no more samples
+            sampled = _bilinear(
+                edges, cols[candidates] + signed * cos[candidates], rows[candidates] + signed * sin[candidates]
+            )
+            keep[candidates[values[candidates] < sampled]] = False
     result = np.zeros_like(edges)
     result[rows[keep], cols[keep]] = edges[rows[keep], cols[keep]]
     # noisy estimates near the image border are scaled down linearly: 0, 1/s, ..., (s-1)/s
@@ -150,18 +204,98 @@ def edge_nms(
     return result
 
 
+def seism_nms(png: np.ndarray, radius: int = NMS_RADIUS) -> np.ndarray:
+    """`nms_process.m` on one prediction PNG (uint8): smooth, orient, suppress, and write the uint8 NMS PNG."""
+    png = np.asarray(png)
+    if png.dtype != np.uint8:
+        raise TypeError(
+            f"seism_nms expects the uint8 prediction PNG, got {png.dtype}; use prediction_png(probability)"
+        )
+    edges = conv_tri(png / 255.0, PRESMOOTH_RADIUS)
+    suppressed = edge_nms(edges, radius, NMS_BORDER, NMS_MULTIPLIER, edge_orientation(edges, ORIENTATION_RADIUS))
+    return matlab_uint8(suppressed * 255)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ground truth
+
+
+def seg2bmap(segmentation: np.ndarray) -> np.ndarray:
+    """Boundary map of a label map as SEISM's `seg2bmap.m` draws it (bool, same shape).
+
+    A pixel is marked where its label differs from the right, lower or lower-right neighbour; in the last row only
+    the right neighbour counts, in the last column only the lower one, and the bottom-right pixel is never marked.
+    """
+    seg = np.asarray(segmentation)
+    if seg.ndim != 2:
+        raise ValueError(f"seg2bmap expects an (H, W) label map, got shape {seg.shape}")
+    bmap = np.zeros(seg.shape, dtype=bool)
+    differs_right = seg[:, :-1] != seg[:, 1:]
+    differs_below = seg[:-1, :] != seg[1:, :]
+    bmap[:-1, :-1] = differs_right[:-1] | differs_below[:, :-1] | (seg[:-1, :-1] != seg[1:, 1:])
+    bmap[-1, :-1] = differs_right[-1]
+    bmap[:-1, -1] = differs_below[:, -1]
+    bmap[-1, -1] = False
+    return bmap
+
+
+def _thinning_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Deletion tables of the two sub-iterations of Lam, Lee and Suen's thinning (1992, sec. 3; MATLAB's
+    `bwmorph thin`), indexed by the 8-neighbourhood code sum(x_i << (i - 1)), x_1 = east, counter-clockwise."""
+    codes = np.arange(256)
+    x = [None] + [(codes >> (i - 1)) & 1 for i in range(1, 9)]
+    x.append(x[1])  # x_9 = x_1
+    crossings = sum((x[2 * i - 1] == 0) & ((x[2 * i] == 1) | (x[2 * i + 1] == 1)) for i in range(1, 5))
+    n1 = sum(x[2 * k - 1] | x[2 * k] for k in range(1, 5))
+    n2 = sum(x[2 * k] | x[2 * k + 1] for k in range(1, 5))
+    g12 = (crossings == 1) & (np.minimum(n1, n2) >= 2) & (np.minimum(n1, n2) <= 3)
+    first = g12 & (((x[2] | x[3] | (1 - x[8])) & x[1]) == 0)
+    second = g12 & (((x[6] | x[7] | (1 - x[4])) & x[5]) == 0)
+    return first.astype(bool), second.astype(bool)
+
+
+_THINNING_TABLES = _thinning_tables()
+
+
 def thin(binary: np.ndarray) -> np.ndarray:
-    """Morphological thinning to 1-pixel-wide curves until convergence (MATLAB bwmorph(.., 'thin', inf))."""
+    """Morphological thinning to 1-pixel-wide curves until convergence (MATLAB bwmorph(.., 'thin', inf)).
+
+    The algorithm of `skimage.morphology.thin` (tests compare the two), evaluated on the set pixels only: the maps
+    thinned here are sparse, and this is 10-50x faster than filtering the whole image in every sub-iteration.
+    """
     binary = np.asarray(binary, dtype=bool)
     rows, cols = np.nonzero(binary)
     if rows.size == 0:
         return binary.copy()
-    # thin only the bounding box (plus a 1-pixel frame): same result, less work on sparse maps
-    top, bottom = max(rows.min() - 1, 0), min(rows.max() + 2, binary.shape[0])
-    left, right = max(cols.min() - 1, 0), min(cols.max() + 2, binary.shape[1])
+    # a canvas over the bounding box plus a 1-pixel frame of zeros (outside the image counts as 0)
+    top, left = rows.min() - 1, cols.min() - 1
+    width = cols.max() - left + 2
+    canvas = np.zeros((rows.max() - top + 2) * width, dtype=np.uint8)
+    alive = (rows - top) * width + (cols - left)
+    canvas[alive] = 1
+    offsets = (1, 1 - width, -width, -1 - width, -1, width - 1, width, width + 1)  # E, NE, N, NW, W, SW, S, SE
+    while True:
+        before = alive.size
+        for table in _THINNING_TABLES:  # each sub-iteration deletes in parallel
+            code = np.zeros(alive.size, dtype=np.uint8)
+            for bit, offset in enumerate(offsets):
+                code |= canvas[alive + offset] << bit
+            delete = table[code]
+            canvas[alive[delete]] = 0
+            alive = alive[~delete]
+        if alive.size == before:
+            break
     result = np.zeros_like(binary)
-    result[top:bottom, left:right] = _skimage_thin(binary[top:bottom, left:right])
+    result[alive // width + top, alive % width + left] = True
     return result
+
+
+def ground_truth_boundaries(segmentation: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """SEISM's ground truth: `bwmorph(seg2bmap(G), 'thin', inf)`, marks on pixels outside `valid` dropped first."""
+    bmap = seg2bmap(segmentation)
+    if valid is not None:
+        bmap &= np.asarray(valid, dtype=bool)
+    return thin(bmap)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -185,6 +319,28 @@ def _compact(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(present), (np.cumsum(present) - 1)[index]
 
 
+def _assignment(
+    pred_local: np.ndarray, gt_local: np.ndarray, distance: np.ndarray, outlier_cost: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact minimum-cost matching of one group of candidate pairs (LAPJVsp); returns the matched (pred, gt) ids."""
+    p_nodes, p = _compact(pred_local)
+    g_nodes, g = _compact(gt_local)
+    # Rectangular assignment: rows are the pixels of the smaller side, columns the pixels of the other side plus one
+    # private "unmatched" column per row. A row left unmatched costs 2 x outlier_cost, which is the cost of the two
+    # outliers a matched pair would have saved; so the total is the BSDS objective up to a constant. Weights are
+    # shifted by +1 (the same for every full matching) because LAPJVsp needs non-zero weights.
+    swap = g_nodes.size < p_nodes.size
+    row_nodes, col_nodes, r, c = (g, p, g_nodes.size, p_nodes.size) if swap else (p, g, p_nodes.size, g_nodes.size)
+    rows = np.concatenate([row_nodes, np.arange(r)])
+    cols = np.concatenate([col_nodes, c + np.arange(r)])
+    weights = np.concatenate([distance, np.full(r, 2 * outlier_cost)]) + 1.0
+    row_index, col_index = min_weight_full_bipartite_matching(csr_matrix((weights, (rows, cols)), shape=(r, r + c)))
+    real = col_index < c
+    row_index, col_index = row_index[real], col_index[real]
+    pred_matched, gt_matched = (col_index, row_index) if swap else (row_index, col_index)
+    return p_nodes[pred_matched], g_nodes[gt_matched]
+
+
 def _optimal_matching(
     pred_index: np.ndarray, gt_index: np.ndarray, distance: np.ndarray, outlier_cost: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -197,8 +353,9 @@ def _optimal_matching(
     preds, pred_local = _compact(pred_index)
     gts, gt_local = _compact(gt_index)
     n_pred, n_gt = preds.size, gts.size
-    # Split the candidate graph into connected components: a component with a single pixel on one side is solved by
-    # its shortest pair (matching it always beats two outlier costs), the rest go to one sparse assignment problem.
+    # Split the candidate graph into connected components, which are independent problems: a component with a single
+    # pixel on one side is solved by its shortest pair (matching it always beats two outlier costs); the others are
+    # solved one by one, since scipy's LAPJVsp costs about rows x columns per call on rectangular problems.
     graph = coo_matrix((np.ones(pred_local.size), (pred_local, n_pred + gt_local)), shape=(n_pred + n_gt,) * 2)
     n_components, labels = connected_components(graph, directed=False)
     pair_component = labels[pred_local]
@@ -206,34 +363,23 @@ def _optimal_matching(
     gt_per_component = np.bincount(labels[n_pred:], minlength=n_components)
     trivial = (pred_per_component[pair_component] == 1) | (gt_per_component[pair_component] == 1)
 
-    matched_pred, matched_gt = [], []
+    matched_pred, matched_gt = [np.zeros(0, dtype=np.intp)], [np.zeros(0, dtype=np.intp)]
     if trivial.any():
         order = np.lexsort((gt_local[trivial], pred_local[trivial], distance[trivial], pair_component[trivial]))
         component = pair_component[trivial][order]
         first = np.r_[True, component[1:] != component[:-1]]
         matched_pred.append(pred_local[trivial][order][first])
         matched_gt.append(gt_local[trivial][order][first])
-    hard = ~trivial
-    if hard.any():
-        p_nodes, p = _compact(pred_local[hard])
-        g_nodes, g = _compact(gt_local[hard])
-        # Rectangular assignment: rows are the pixels of the smaller side, columns the pixels of the other side plus
-        # one private "unmatched" column per row. A row left unmatched costs 2 x outlier_cost, which is the cost of
-        # the two outliers a matched pair would have saved; so the total is the BSDS objective up to a constant.
-        # Weights are shifted by +1 (the same for every full matching) because LAPJVsp needs non-zero weights.
-        swap = g_nodes.size < p_nodes.size
-        row_nodes, col_nodes, r, c = (g, p, g_nodes.size, p_nodes.size) if swap else (p, g, p_nodes.size, g_nodes.size)
-        rows = np.concatenate([row_nodes, np.arange(r)])
-        cols = np.concatenate([col_nodes, c + np.arange(r)])
-        weights = np.concatenate([distance[hard], np.full(r, 2 * outlier_cost)]) + 1.0
-        row_index, col_index = min_weight_full_bipartite_matching(
-            csr_matrix((weights, (rows, cols)), shape=(r, r + c))
-        )
-        real = col_index < c
-        row_index, col_index = row_index[real], col_index[real]
-        pred_hard, gt_hard = (col_index, row_index) if swap else (row_index, col_index)
-        matched_pred.append(p_nodes[pred_hard])
-        matched_gt.append(g_nodes[gt_hard])
+    hard = np.flatnonzero(~trivial)
+    if hard.size:
+        hard = hard[np.argsort(pair_component[hard], kind="stable")]
+        component = pair_component[hard]
+        bounds = np.flatnonzero(np.r_[True, component[1:] != component[:-1], True])
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            pairs = hard[start:stop]
+            pred_matched, gt_matched = _assignment(pred_local[pairs], gt_local[pairs], distance[pairs], outlier_cost)
+            matched_pred.append(pred_matched)
+            matched_gt.append(gt_matched)
     pred_out, gt_out = preds[np.concatenate(matched_pred)], gts[np.concatenate(matched_gt)]
     order = np.argsort(pred_out, kind="stable")
     return pred_out[order], gt_out[order]
@@ -264,115 +410,128 @@ def correspond_pixels(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tupl
 # Per-image counts
 
 
+def _check_probability(prediction: np.ndarray) -> None:
+    if prediction.size and not bool(((prediction >= 0) & (prediction <= 1)).all()):
+        raise ValueError(
+            f"boundary map values must lie in [0, 1] (got {np.nanmin(prediction):.4g} ... "
+            f"{np.nanmax(prediction):.4g}): pass probabilities (apply the sigmoid to logits first) or a uint8 PNG"
+        )
+
+
 def _prepare(
-    probability: np.ndarray,
+    prediction: np.ndarray,
     gt: np.ndarray,
     max_dist_fraction: float,
     nms: bool,
     ignore_index: int,
     timings: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float] | None:
-    """Crop to the labelled box, NMS, drop ignored pixels, thin the ground truth; None when nothing is labelled."""
-    probability, gt = np.asarray(probability, dtype=np.float64), np.asarray(gt)
-    if probability.shape != gt.shape or probability.ndim != 2:
-        raise ValueError(f"probability {probability.shape} and gt {gt.shape} must be the same (H, W) shape")
+    """Crop to the labelled box, the NMS PNG with ignored pixels zeroed, the thinned ground truth and maxDist in
+    pixels; None when nothing is labelled."""
+    prediction, gt = np.asarray(prediction), np.asarray(gt)
+    if prediction.shape != gt.shape or prediction.ndim != 2:
+        raise ValueError(f"prediction {prediction.shape} and gt {gt.shape} must be the same (H, W) shape")
+    if prediction.dtype != np.uint8:
+        _check_probability(prediction)
     valid = gt != ignore_index
     rows, cols = np.nonzero(valid.any(axis=1))[0], np.nonzero(valid.any(axis=0))[0]
     if rows.size == 0:
         return None
     box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    probability, gt, valid = probability[box], gt[box], valid[box]
+    prediction, gt, valid = prediction[box], gt[box], valid[box]
     start = time.perf_counter()
     if nms:
-        probability = edge_nms(probability)
-    probability = np.where(valid, probability, 0.0)
+        edges = seism_nms(prediction if prediction.dtype == np.uint8 else prediction_png(prediction))
+    else:  # the map is taken as the NMS output, written to 8 bits the way nms_process.m writes it
+        edges = prediction if prediction.dtype == np.uint8 else matlab_uint8(prediction * 255.0)
+    edges = np.where(valid, edges, np.uint8(0))
     middle = time.perf_counter()
-    gt_edges = thin((gt > 0) & valid)
+    gt_edges = ground_truth_boundaries(valid & (gt > 0), valid)
     if timings is not None:
         timings["nms"] = timings.get("nms", 0.0) + middle - start
         timings["thin"] = timings.get("thin", 0.0) + time.perf_counter() - middle
-    max_dist = max_dist_fraction * math.hypot(*gt.shape)
-    return probability, gt_edges, max_dist
+    return edges, gt_edges, max_dist_fraction * math.hypot(*gt.shape)
+
+
+def threshold_levels(thresholds: Sequence[float]) -> np.ndarray:
+    """Per threshold t the lowest 8-bit level q with q / 255 >= t (float64, as MATLAB compares), at least 1: a
+    zero pixel is never an edge (edgesEvalImg thresholds at max(eps, t)); 256 where no level reaches t."""
+    levels = np.arange(256) / 255.0
+    return np.maximum(np.searchsorted(levels, np.asarray(thresholds, dtype=np.float64), side="left"), 1)
 
 
 def _counts_at_thresholds(
-    probability: np.ndarray,
+    edges: np.ndarray,
     gt_edges: np.ndarray,
     max_dist: float,
     thresholds: Sequence[float],
-    strict: bool,
     timings: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """4 x T counts of an NMS-ed, cropped map against thinned ground truth; equal binary maps are evaluated once."""
-    # Zero-valued pixels are never edges (Dollar's edgesEvalImg thresholds at max(eps, t) for the same reason).
-    thresholds = np.maximum(np.asarray(thresholds, dtype=np.float64), np.finfo(np.float64).tiny)
-    counts = np.zeros((4, thresholds.size), dtype=np.int64)
+    """4 x T counts of a cropped uint8 NMS map against thinned ground truth; equal binary maps are evaluated once."""
+    levels = threshold_levels(thresholds)
+    counts = np.zeros((4, levels.size), dtype=np.int64)
     gt_points = np.argwhere(gt_edges)
     counts[3] = gt_points.shape[0]
     gt_tree = cKDTree(gt_points) if gt_points.size else None
     # Only predicted pixels within max_dist of some ground-truth pixel can be matched (small slack: the KD-tree decides)
     near_gt = distance_transform_edt(~gt_edges) <= max_dist + 1e-6 if gt_points.size else None
     # The binary maps are nested, so two thresholds give the same map exactly when they keep as many pixels.
-    values = np.sort(probability[probability > 0], kind="stable")
-    side = "right" if strict else "left"
-    kept = values.size - np.searchsorted(values, thresholds, side=side)
+    at_or_above = np.append(np.cumsum(np.bincount(edges.ravel(), minlength=256)[::-1])[::-1], 0)
     cache: dict[int, tuple[int, int]] = {}
     timings = {} if timings is None else timings
-    for k, threshold in enumerate(thresholds):
-        if kept[k] in cache:
-            counts[0, k], counts[1, k] = cache[kept[k]]
-            counts[2, k] = counts[0, k]
-            continue
-        start = time.perf_counter()
-        binary = thin(probability > threshold if strict else probability >= threshold)
-        middle = time.perf_counter()
-        total = int(np.count_nonzero(binary))
-        matched = 0
-        if total and gt_tree is not None:
-            pred_points = np.argwhere(binary & near_gt)
-            if pred_points.size:
-                pred_index, gt_index, distance = _candidate_pairs(pred_points, gt_points, max_dist, gt_tree)
-                matched = _optimal_matching(pred_index, gt_index, distance, OUTLIER_COST * max_dist)[0].size
-        end = time.perf_counter()
-        timings["thin"] = timings.get("thin", 0.0) + middle - start
-        timings["match"] = timings.get("match", 0.0) + end - middle
-        cache[kept[k]] = (matched, total)
-        counts[:3, k] = matched, total, matched
+    for k, level in enumerate(levels):
+        kept = int(at_or_above[level])
+        if kept not in cache:
+            start = time.perf_counter()
+            binary = thin(edges >= level) if kept else np.zeros(edges.shape, dtype=bool)
+            middle = time.perf_counter()
+            total = int(np.count_nonzero(binary))
+            matched = 0
+            if total and gt_tree is not None:
+                pred_points = np.argwhere(binary & near_gt)
+                if pred_points.size:
+                    pred_index, gt_index, distance = _candidate_pairs(pred_points, gt_points, max_dist, gt_tree)
+                    matched = _optimal_matching(pred_index, gt_index, distance, OUTLIER_COST * max_dist)[0].size
+            timings["thin"] = timings.get("thin", 0.0) + middle - start
+            timings["match"] = timings.get("match", 0.0) + time.perf_counter() - middle
+            cache[kept] = (matched, total)
+        counts[0, k], counts[1, k] = cache[kept]
+        counts[2, k] = counts[0, k]
     return counts
 
 
 def boundary_counts(
-    probability: np.ndarray,
+    prediction: np.ndarray,
     gt: np.ndarray,
     max_dist_fraction: float = 0.011,
     thresholds: Sequence[float] = SEISM_THRESHOLDS,
     nms: bool = True,
-    strict: bool = True,
     ignore_index: int = IGNORE_INDEX,
     timings: dict[str, float] | None = None,
 ) -> np.ndarray:
-    """Counts (matched_pred, total_pred, matched_gt, total_gt) x thresholds, int64 (4, T), for one (H, W) map.
+    """Counts (cntP, sumP, cntR, sumR) x thresholds, int64 (4, T), for one (H, W) map (module docstring, steps 0-7).
 
-    `probability` in [0, 1]; `gt` 1 = edge, 0 = no edge, `ignore_index` = ignored / padding. `strict` binarises with
-    `>` (SEISM) instead of `>=` (BSDS). If `timings` is a dict, seconds spent in "nms", "thin" and "match" are added.
+    `prediction`: boundary probabilities in [0, 1] (written to 8 bits as the reference does) or that uint8 PNG.
+    `gt`: > 0 = boundary, 0 = none, `ignore_index` = ignored / padding. `nms=False` skips steps 1-2 and takes the map
+    as the NMS output (probabilities are then rounded to 8 bits as `nms_process.m` writes them). If `timings` is a
+    dict, seconds spent in "nms", "thin" and "match" are added to it.
     """
-    prepared = _prepare(probability, gt, max_dist_fraction, nms, ignore_index, timings)
+    prepared = _prepare(prediction, gt, max_dist_fraction, nms, ignore_index, timings)
     if prepared is None:
         return np.zeros((4, len(thresholds)), dtype=np.int64)
-    return _counts_at_thresholds(*prepared, thresholds, strict, timings)
+    return _counts_at_thresholds(*prepared, thresholds, timings)
 
 
 def _image_task(
-    probability: np.ndarray,
+    png: np.ndarray,
     gt: np.ndarray,
     max_dist_fraction: float,
     thresholds: tuple[float, ...],
     nms: bool,
-    strict: bool,
     ignore_index: int,
 ) -> np.ndarray:
     """Process-pool entry point (module level so that it pickles under spawn)."""
-    return boundary_counts(probability, gt, max_dist_fraction, thresholds, nms, strict, ignore_index)
+    return boundary_counts(png, gt, max_dist_fraction, thresholds, nms, ignore_index)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -392,24 +551,28 @@ def _shutdown(pool: ProcessPoolExecutor) -> None:
 
 
 class BoundaryODSMetric(CountsMetric):
-    """BSDS / SEISM boundary odsF from 4 x T summed counts (see the module docstring for exactly what is computed).
+    """The paper's boundary odsF (SEISM protocol) from 4 x T summed counts; the module docstring says what is computed.
 
-    `update` takes boundary logits or probabilities (B, 1, H, W) and labels (B, 1, H, W) with 1 = edge, 0 = background,
-    `ignore_index` = ignored. Images (and, for batches smaller than the pool, threshold subsets) are evaluated in a
-    process pool when `num_workers > 1`; the counts are integers, so the result does not depend on the pool.
+    `update` takes boundary predictions (B, 1, H, W) and labels (B, 1, H, W) with 1 = edge, 0 = background,
+    `ignore_index` = ignored. `from_logits=True` (the default: `SAKForMultiTask` returns logits) applies the sigmoid;
+    with `from_logits=False` the predictions must be probabilities in [0, 1]. Nothing is guessed from the values.
+    `max_dist` is the fraction of the diagonal (`seism_max_dist`: 0.011 for NYUD-v2, 0.0075 for PASCAL-Context).
+    Images (and, for batches smaller than the pool, threshold subsets) are evaluated in a process pool when
+    `num_workers > 1`; the counts are integers, so the result does not depend on the pool.
     """
 
     def __init__(
         self,
         max_dist: float = 0.011,
+        *,
+        from_logits: bool = True,
         thresholds: Sequence[float] | None = None,
         nms: bool = True,
         ignore_index: int = IGNORE_INDEX,
         num_workers: int | None = None,
-        strict: bool = True,
         mp_context: str | None = None,
     ):
-        self.max_dist, self.nms, self.ignore_index, self.strict = max_dist, nms, ignore_index, strict
+        self.max_dist, self.from_logits, self.nms, self.ignore_index = max_dist, from_logits, nms, ignore_index
         self.thresholds = tuple(float(t) for t in (SEISM_THRESHOLDS if thresholds is None else thresholds))
         self.num_workers = min(_available_cpus(), 8) if num_workers is None else max(1, int(num_workers))
         self.mp_context = mp_context
@@ -433,25 +596,22 @@ class BoundaryODSMetric(CountsMetric):
             self._pool = None
 
     def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
-        """Add a batch: prediction (B, 1, H, W) logits or probabilities, label (B, 1, H, W)."""
-        prediction = prediction.detach().float()
-        if prediction.numel() and (prediction.min() < 0 or prediction.max() > 1):
-            prediction = prediction.sigmoid()
+        """Add a batch: prediction (B, 1, H, W) logits (`from_logits=True`) or probabilities, label (B, 1, H, W)."""
+        probability = binary_probability(prediction, self.from_logits, "BoundaryODSMetric")
         label = label.detach()
-        probability = prediction.reshape(label.shape)[:, 0].cpu().double().numpy()
+        # the reference's 8-bit prediction PNGs (also 8x less to send to the workers)
+        pngs = prediction_png(probability.reshape(label.shape)[:, 0].cpu().numpy())
         gt = label[:, 0].cpu().numpy()
         if self.num_workers <= 1:
-            for prob, target in zip(probability, gt):
-                counts = boundary_counts(
-                    prob, target, self.max_dist, self.thresholds, self.nms, self.strict, self.ignore_index
-                )
+            for png, target in zip(pngs, gt):
+                counts = boundary_counts(png, target, self.max_dist, self.thresholds, self.nms, self.ignore_index)
                 self.counts += torch.from_numpy(counts)
             return
         # Fewer images than workers: each image's thresholds are split into interleaved subsets as well (interleaved
         # because the low thresholds cost the most).
         splits = max(1, min(len(self.thresholds), math.ceil(self.num_workers / max(1, len(gt)))))
         subsets = [self.thresholds[s::splits] for s in range(splits)]
-        tasks = [(prob, target, subset) for prob, target in zip(probability, gt) for subset in subsets]
+        tasks = [(png, target, subset) for png, target in zip(pngs, gt) for subset in subsets]
         results = self._executor().map(
             _image_task,
             [task[0] for task in tasks],
@@ -459,7 +619,6 @@ class BoundaryODSMetric(CountsMetric):
             [self.max_dist] * len(tasks),
             [task[2] for task in tasks],
             [self.nms] * len(tasks),
-            [self.strict] * len(tasks),
             [self.ignore_index] * len(tasks),
         )
         counts = np.zeros((4, len(self.thresholds)), dtype=np.int64)
@@ -468,7 +627,7 @@ class BoundaryODSMetric(CountsMetric):
         self.counts += torch.from_numpy(counts)
 
     def compute(self) -> dict[str, float]:
-        """odsF, its threshold, precision and recall (in %) from the summed counts."""
+        """odsF, its threshold, precision and recall (in %) from the summed counts (NaN without ground truth)."""
         if self.counts[3].max() <= 0:
             return {"odsF": float("nan"), "threshold": float("nan"), "precision": float("nan"), "recall": float("nan")}
         best, precision, recall, f = best_f_measure(self.counts)

@@ -16,8 +16,12 @@ numbers. Every definition follows the reference implementation's evaluation code
   (exact, from the summed angles), median, % within 11.25 / 22.5 / 30 degrees.
 - sal: maxF with beta^2 = 0.3 over the thresholds 0.05, 0.10, ..., 0.95 of the salient-class probability
   (`prediction >= threshold`), from counts summed over the split.
-- edge: see `modeling_sak.evaluation.boundaries` (BSDS one-to-one matching, odsF); `BoundaryMetric` here is a
-  quick tolerance-based F-measure for monitoring.
+- edge: see `modeling_sak.evaluation.boundaries` (the paper's odsF: the authors' SEISM protocol, BSDS one-to-one
+  matching); `BoundaryMetric` here is a quick tolerance-based F-measure for monitoring.
+
+Logits or probabilities: the saliency and boundary metrics take `from_logits` (default True, since
+`SAKForMultiTask` returns raw head outputs): True applies the sigmoid (one channel) or the softmax (two channels);
+False expects probabilities in [0, 1] and rejects other values. Nothing is guessed from the values of a batch.
 
 `delta_m` gives the multi-task gain against single-task baselines (`SINGLE_TASK_BASELINES`: the paper's).
 """
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 
 IGNORE_INDEX = 255
-METRICS_VERSION = 2  # bumped whenever a definition changes (cached results of older versions are recomputed)
+METRICS_VERSION = 3  # bumped whenever a definition changes (cached results of older versions are recomputed)
 FIXED_POINT_BITS = 24  # float statistics are summed as integers in units of 2^-24 (exact in any order)
 
 
@@ -52,13 +56,37 @@ class CountsMetric:
 
 
 def best_f_measure(counts: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Precision, recall and F per threshold of boundary counts (4, T): matched predicted, predicted, matched
-    ground-truth, ground-truth pixels (0 / 0 counts as 0), and the index of the best F."""
-    counts = counts.double()
-    precision = counts[0] / counts[1].clamp(min=1)
-    recall = counts[2] / counts[3].clamp(min=1)
-    f = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    """The index of the best F (the first, as MATLAB's max), and precision, recall and F per threshold, of boundary
+    counts (4, T): cntP (matched predicted), sumP (predicted), cntR (matched ground-truth), sumR (ground-truth pixels).
+
+    Zero sums follow SEISM's `gather_measure.m`: where sumR = 0 (and cntP = 0) R = 1, P = 0; where sumP = 0 (and
+    cntR = 0) R = 0, P = 1, which wins when both are 0; where sumP and cntR are non-zero R = cntR / sumR and
+    P = cntP / sumP; elsewhere P = R = 0. F = 2PR / (P + R), 0 where P + R = 0.
+    """
+    cnt_p, sum_p, cnt_r, sum_r = counts.double()
+    precision, recall = torch.zeros_like(cnt_p), torch.zeros_like(cnt_p)
+    no_truth, no_prediction = (sum_r == 0) & (cnt_p == 0), (sum_p == 0) & (cnt_r == 0)
+    recall[no_truth], precision[no_truth] = 1.0, 0.0
+    recall[no_prediction], precision[no_prediction] = 0.0, 1.0
+    regular = (sum_p != 0) & (cnt_r != 0)
+    recall[regular], precision[regular] = cnt_r[regular] / sum_r[regular], cnt_p[regular] / sum_p[regular]
+    total = precision + recall
+    f = torch.where(total > 0, 2 * precision * recall / total.clamp(min=1e-300), torch.zeros_like(total))
     return int(f.argmax()), precision, recall, f
+
+
+def binary_probability(prediction: torch.Tensor, from_logits: bool, what: str) -> torch.Tensor:
+    """float32 probabilities of a one-channel prediction: the sigmoid of logits, or checked probabilities."""
+    prediction = prediction.detach().float()
+    if from_logits:
+        return prediction.sigmoid()
+    if prediction.numel() and not bool(((prediction >= 0) & (prediction <= 1)).all()):
+        raise ValueError(
+            f"{what}: from_logits=False, but the predictions range over {float(prediction.min()):.4g} ... "
+            f"{float(prediction.max()):.4g}, outside [0, 1]; pass logits with from_logits=True (the default) or "
+            "probabilities"
+        )
+    return prediction
 
 
 class SemsegMetric:
@@ -195,19 +223,32 @@ class NormalsMetric:
 
 
 class SaliencyMetric(CountsMetric):
-    """Saliency maxF (beta^2 = 0.3) over thresholds of the salient-class probability, from summed counts."""
+    """Saliency maxF (beta^2 = 0.3) over thresholds of the salient-class probability, from summed counts.
 
-    def __init__(self, beta_squared: float = 0.3, ignore_index: int = IGNORE_INDEX):
-        self.beta_squared, self.ignore_index = beta_squared, ignore_index
+    `from_logits=True` (default): two-channel logits (B, 2, H, W) go through the softmax (channel 1 = salient),
+    one-channel logits (B, [1,] H, W) through the sigmoid. `from_logits=False`: probabilities of both classes
+    (B, 2, H, W) or of the salient class (B, [1,] H, W), in [0, 1].
+    """
+
+    def __init__(self, beta_squared: float = 0.3, ignore_index: int = IGNORE_INDEX, from_logits: bool = True):
+        self.beta_squared, self.ignore_index, self.from_logits = beta_squared, ignore_index, from_logits
         self.thresholds = torch.arange(0.05, 1, 0.05)  # float32, as the reference: 0.05 ... 0.95
         self.counts = torch.zeros(3, len(self.thresholds), dtype=torch.int64)  # true pos, predicted pos, actual pos
 
     def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
-        """`prediction`: logits (B, 2, H, W) (softmax, channel 1 = salient) or probabilities (B, [1,] H, W)."""
+        """`prediction` (B, 2, H, W) or (B, [1,] H, W), logits or probabilities as `from_logits` says."""
         if prediction.dim() == 4 and prediction.shape[1] == 2:
-            probability = prediction.float().softmax(1)[:, 1]
+            if self.from_logits:
+                probability = prediction.detach().float().softmax(1)[:, 1]
+            else:
+                probability = binary_probability(prediction, False, "SaliencyMetric")[:, 1]
+        elif prediction.dim() == 3 or (prediction.dim() == 4 and prediction.shape[1] == 1):
+            probability = binary_probability(prediction, self.from_logits, "SaliencyMetric")
+            probability = probability.reshape(prediction.shape[0], *prediction.shape[-2:])
         else:
-            probability = prediction.float().reshape(prediction.shape[0], *prediction.shape[-2:])
+            raise ValueError(
+                f"SaliencyMetric: prediction {tuple(prediction.shape)} is neither (B, 2, H, W) nor (B, [1,] H, W)"
+            )
         label = label.reshape(probability.shape).cpu()
         valid = label != self.ignore_index
         probability, target = probability.cpu()[valid], label[valid].long()
@@ -232,18 +273,20 @@ class BoundaryMetric(CountsMetric):
     when a predicted one lies within it. Counts are summed over the split, so the state is 4 x T integers and sums
     across processes. This is a tolerance-based matching, NOT the one-to-one BSDS pixel correspondence of the
     reference's SEISM toolkit (no non-maximum suppression either); it ranks models the same way but its numbers are
-    not comparable with published odsF.
+    not comparable with published odsF. `from_logits` as in `BoundaryODSMetric` (default True: the sigmoid is applied).
     """
 
-    def __init__(self, max_dist: float = 0.011, thresholds: int = 19, ignore_index: int = IGNORE_INDEX):
-        self.max_dist, self.ignore_index = max_dist, ignore_index
+    def __init__(
+        self, max_dist: float = 0.011, thresholds: int = 19, ignore_index: int = IGNORE_INDEX, from_logits: bool = True
+    ):
+        self.max_dist, self.ignore_index, self.from_logits = max_dist, ignore_index, from_logits
         self.thresholds = torch.linspace(0.05, 0.95, thresholds)
         self.counts = torch.zeros(4, thresholds, dtype=torch.int64)  # matched pred, pred, matched gt, gt
 
     def update(self, prediction: torch.Tensor, label: torch.Tensor) -> None:
         from scipy.ndimage import distance_transform_edt
 
-        probability = prediction.float().sigmoid() if prediction.min() < 0 or prediction.max() > 1 else prediction
+        probability = binary_probability(prediction, self.from_logits, "BoundaryMetric")
         probability, label = probability.reshape(label.shape)[:, 0].cpu(), label[:, 0].cpu()
         for prob, gt in zip(probability, label):
             valid = (gt != self.ignore_index).numpy()
@@ -301,14 +344,21 @@ def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, 
     return sum(terms) / len(terms) if terms else float("nan")
 
 
-BOUNDARY_KINDS = ("bsds", "tolerance")  # the paper's odsF; a quick tolerance-based F for monitoring
-BOUNDARY_MAX_DIST = {"nyud_v2": 0.011, "pascal_context": 0.0075}  # per task preset (configuration_sak.TASK_PRESETS)
+# "bsds": the paper's odsF, i.e. the authors' SEISM protocol (NMS, 8-bit maps, BSDS one-to-one matching; see
+# boundaries.py); "tolerance": a quick tolerance-based F for monitoring.
+BOUNDARY_KINDS = ("bsds", "tolerance")
+# maxDist per task preset (configuration_sak.TASK_PRESETS) = boundaries.seism_max_dist of the reference's SEISM
+# database names: "NYUD" 0.011, "PASCALContext" 0.0075 (SEISM's default; its 0.01 is for the 'Pascal' database).
+BOUNDARY_MAX_DIST = {"nyud_v2": 0.011, "pascal_context": 0.0075}
 
 
 def make_metrics(tasks: dict[str, int], ignore_index: int = IGNORE_INDEX, boundary: str = "bsds",
-                 boundary_max_dist: float | None = None, num_workers: int | None = None) -> dict[str, Any]:  # fmt: skip
-    """One accumulator per task. Boundaries: "bsds" (one-to-one matching after NMS, the paper's odsF) or "tolerance"
-    (quick); maxDist defaults to PASCAL-Context's 0.0075 when the tasks include human_parts or sal, else NYUD's 0.011."""
+                 boundary_max_dist: float | None = None, num_workers: int | None = None,
+                 from_logits: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One accumulator per task. Boundaries: "bsds" (the paper's odsF, SEISM protocol) or "tolerance" (quick);
+    maxDist defaults to PASCAL-Context's 0.0075 when the tasks include human_parts or sal, else NYUD's 0.011.
+    `from_logits` tells the edge and saliency metrics whether predictions are logits (default, as the model returns
+    them) or probabilities."""
     if boundary not in BOUNDARY_KINDS:
         raise ValueError(f"boundary={boundary!r}: use 'bsds' (the paper's odsF) or 'tolerance' (quick monitoring)")
     if boundary_max_dist is None:
@@ -323,13 +373,15 @@ def make_metrics(tasks: dict[str, int], ignore_index: int = IGNORE_INDEX, bounda
         elif task == "normals":
             metrics[task] = NormalsMetric(ignore_index)
         elif task == "sal":
-            metrics[task] = SaliencyMetric(ignore_index=ignore_index)
+            metrics[task] = SaliencyMetric(ignore_index=ignore_index, from_logits=from_logits)
         elif task == "edge" and boundary == "bsds":
             from .boundaries import BoundaryODSMetric
 
-            metrics[task] = BoundaryODSMetric(boundary_max_dist, ignore_index=ignore_index, num_workers=num_workers)
+            metrics[task] = BoundaryODSMetric(
+                boundary_max_dist, from_logits=from_logits, ignore_index=ignore_index, num_workers=num_workers
+            )
         elif task == "edge":
-            metrics[task] = BoundaryMetric(boundary_max_dist, ignore_index=ignore_index)
+            metrics[task] = BoundaryMetric(boundary_max_dist, ignore_index=ignore_index, from_logits=from_logits)
         else:
             raise ValueError(f"no metric for task {task!r}; known: semseg, human_parts, depth, normals, sal, edge")
     return metrics

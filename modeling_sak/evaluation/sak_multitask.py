@@ -10,12 +10,15 @@
     print(metric.compute(baseline="nyud_vitb"))  # {"semseg/mIoU": ..., "edge/odsF": ..., "delta_m": ...}
 
 `predictions` and `references` are dicts task -> tensor or array in this package's conventions: raw task outputs
-(B, C, H, W) as `SAKForMultiTask` returns them (semseg/human_parts logits, sal logits with 2 channels or a
-probability map, normals, edge logits or probabilities, depth in metres), and labels as `collate_multitask` makes them
-(255 = ignore). Unlike a stock `evaluate` metric, nothing is stored: each batch goes straight into the sufficient
-statistics of `modeling_sak.evaluation.metrics` (a confusion matrix, histograms, count arrays), so a whole test split
-costs kilobytes. For several processes, reduce `metric.state()` (e.g. `accelerator.reduce(state, "sum")`) and call
-`metric.load_state(...)` before `compute()`; evaluate's own file-based `num_process` mechanism is not used.
+(B, C, H, W) as `SAKForMultiTask` returns them (semseg/human_parts logits, sal logits with 2 channels, normals, edge
+logits, depth in metres), and labels as `collate_multitask` makes them (255 = ignore). For edge and sal probabilities
+instead of logits, load the metric with `from_logits=False` (`evaluate.load(path, "nyud_v2", from_logits=False)`);
+nothing is guessed from the values. The edge odsF is the paper's (the authors' SEISM protocol, see
+`modeling_sak.evaluation.boundaries`). Unlike a stock `evaluate` metric, nothing is stored: each batch goes
+straight into the sufficient statistics of `modeling_sak.evaluation.metrics` (a confusion matrix, histograms, count
+arrays), so a whole test split costs kilobytes. For several processes, reduce `metric.state()` (e.g.
+`accelerator.reduce(state, "sum")`) and call `metric.load_state(...)` before `compute()`; evaluate's own file-based
+`num_process` mechanism is not used.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ _INPUTS = """
 Args:
     predictions: dict task -> (batch, channels, height, width) raw task outputs (tensor or array).
     references: dict task -> labels in the package convention, 255 = ignore.
+    from_logits (load only): True (default) when edge / sal predictions are logits, False for probabilities.
     baseline (compute only): a results dict {task: {metric: value}} or a SINGLE_TASK_BASELINES key ("nyud_vitb",
         "nyud_vitl") to add "delta_m".
 Returns:
@@ -52,9 +56,16 @@ def _tensor(value: Any) -> torch.Tensor:
 
 
 class SakMultitask(evaluate.Metric):
-    """Semseg / human parts mIoU, depth RMSE, normal angles, saliency maxF and BSDS boundary odsF, as in SAK."""
+    """Semseg / human parts mIoU, depth RMSE, normal angles, saliency maxF and the paper's boundary odsF, as in SAK."""
 
-    def __init__(self, *args, tasks: dict[str, int] | None = None, boundary: str = "bsds", **kwargs):
+    def __init__(
+        self,
+        *args,
+        tasks: dict[str, int] | None = None,
+        boundary: str = "bsds",
+        from_logits: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if tasks is None and self.config_name not in TASK_PRESETS:
             raise ValueError(
@@ -62,10 +73,13 @@ class SakMultitask(evaluate.Metric):
             )
         self.tasks = dict(tasks or TASK_PRESETS[self.config_name]["tasks"])
         self.boundary, self.max_dist = boundary, BOUNDARY_MAX_DIST.get(self.config_name)
+        self.from_logits = from_logits
         self._reset()
 
     def _reset(self) -> None:
-        self._metrics = make_metrics(self.tasks, boundary=self.boundary, boundary_max_dist=self.max_dist)
+        self._metrics = make_metrics(
+            self.tasks, boundary=self.boundary, boundary_max_dist=self.max_dist, from_logits=self.from_logits
+        )
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
