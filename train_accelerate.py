@@ -25,7 +25,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from modeling_sak.evaluation.metrics import METRICS_VERSION
+from modeling_sak.evaluation.loop import evaluate, evaluation_mode
+from modeling_sak.evaluation.registry import METRICS_VERSION
 from modeling_sak.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_overrides
 from modeling_sak.run_outputs import write_run_outputs
 from modeling_sak.specialist_teachers import DEFAULT_CACHE, PACKAGE, source_fingerprint
@@ -35,8 +36,6 @@ from modeling_sak.training import (
     build_model,
     check_finite,
     distributed_without_gpu,
-    evaluate,
-    evaluation_mode,
     make_loader,
     make_scheduler,
     merge_lora,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_sak.evaluation.metrics import make_metrics
+from modeling_sak.evaluation.registry import make_metrics
 
 
 def main() -> None:

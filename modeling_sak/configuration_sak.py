@@ -9,6 +9,8 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import logging
 
+from .tasks_sak import IGNORE_INDEX, TASK_PRESETS, TASKS
+
 
 logger = logging.get_logger(__name__)
 
@@ -20,42 +22,10 @@ DistillLossType = Literal["cos+l1", "cos", "l2"]
 ROUTER_TYPES = get_args(RouterType)
 DISTILL_LOSS_TYPES = get_args(DistillLossType)
 
-# Loss used for a task when `task_loss_types` does not name one (DESIGN section 2, task losses).
+# Task losses (DESIGN section 2); a task's default is the task table's (`tasks_sak.TASKS`) when `task_loss_types`
+# names none.
 TASK_LOSS_TYPES = ("cross_entropy", "normals_l1", "balanced_bce", "l1", "balanced_cross_entropy")
-DEFAULT_TASK_LOSS_TYPES = {
-    "semseg": "cross_entropy",
-    "human_parts": "cross_entropy",
-    "normals": "normals_l1",
-    "edge": "balanced_bce",
-    "depth": "l1",
-    "sal": "balanced_cross_entropy",
-}
-
-NYUD_V2_CLASSES = (
-    "wall", "floor", "cabinet", "bed", "chair", "sofa", "table", "door", "window", "bookshelf",
-    "picture", "counter", "blinds", "desk", "shelves", "curtain", "dresser", "pillow", "mirror", "floor mat",
-    "clothes", "ceiling", "books", "refrigerator", "television", "paper", "towel", "shower curtain", "box",
-    "whiteboard", "person", "night stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure",
-    "otherfurniture", "otherprop",
-)  # fmt: skip
-PASCAL_CONTEXT_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
-
-# Task presets of the paper: output channels, loss weights and semantic class names, in the reference task order.
-TASK_PRESETS: dict[str, dict[str, Any]] = {
-    "nyud_v2": {
-        "tasks": {"semseg": 40, "normals": 3, "edge": 1, "depth": 1},
-        "task_loss_weights": {"semseg": 1.0, "normals": 10.0, "edge": 50.0, "depth": 1.0},
-        "classes": NYUD_V2_CLASSES,
-    },
-    "pascal_context": {
-        "tasks": {"semseg": 21, "human_parts": 7, "normals": 3, "edge": 1, "sal": 2},
-        "task_loss_weights": {"semseg": 1.0, "human_parts": 2.0, "normals": 10.0, "edge": 50.0, "sal": 5.0},
-        "classes": PASCAL_CONTEXT_CLASSES,
-    },
-}
+DEFAULT_TASK_LOSS_TYPES = {task: spec.loss for task, spec in TASKS.items()}
 
 # ViT-B/16 as in the reference stem (timm `vit_base_patch16_384`, LayerNorm eps 1e-6).
 DEFAULT_STEM_CONFIG = {
@@ -214,7 +184,7 @@ class SAKConfig(PreTrainedConfig):
     edge_pos_weight: float = 0.95
     distill_loss_type: DistillLossType = "cos+l1"
     distill_alpha: float = 1.0
-    semantic_loss_ignore_index: int = 255
+    semantic_loss_ignore_index: int = IGNORE_INDEX
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):

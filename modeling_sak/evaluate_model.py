@@ -5,7 +5,7 @@
 
 The images are normalised and padded as the reference evaluation does (no resizing), predicted, and compared with
 the labels over valid pixels. Metrics come from streaming sufficient statistics (see
-`modeling_sak.evaluation.metrics`). To split the data over K processes, run it under
+`modeling_sak.evaluation`). To split the data over K processes, run it under
 `accelerate launch --num_processes K [--cpu] -m modeling_sak.evaluate_model ...` or
 `torchrun --nproc_per_node K -m modeling_sak.evaluate_model ...`: every statistic is an integer sum, so the numbers
 equal the single-process ones exactly. Boundaries are scored with the paper's odsF (non-maximum suppression, 101
@@ -28,10 +28,11 @@ from transformers import AutoModel
 
 from .data.loading import MultiTaskStream, load_multitask_split
 from .data.transforms import MultiTaskTransform
-from .evaluation.metrics import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
+from .evaluation.loop import evaluate, evaluation_mode
 from .evaluation.pictures import denormalize, prediction_grid, save_task_pictures
+from .evaluation.registry import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
 from .image_processing_sak import SAKImageProcessor
-from .training import distributed_without_gpu, evaluate, evaluation_mode
+from .training import distributed_without_gpu
 
 
 def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Path, device) -> None:

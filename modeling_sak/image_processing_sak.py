@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.utils import logging
+
+from .image_io_sak import load_rgb_image as load_rgb_image  # re-exported: `image_processing_sak.load_rgb_image`
+from .image_io_sak import to_rgb_array, value_range
+from .tasks_sak import TASKS
 
 
 try:
@@ -19,66 +22,7 @@ except ImportError:  # pragma: no cover - PIL is a transformers vision dependenc
 
 logger = logging.get_logger(__name__)
 
-IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
 PAD_MODES = ("center", "bottom_right")
-
-
-# PIL modes and how they become the (height, width, 3) uint8 RGB a SAK model reads (see `to_rgb_array`).
-PHOTO_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA", "RGBA", "RGBa")
-ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
-
-
-def _value_range(values: np.ndarray) -> str:
-    if values.size == 0:
-        return "none"
-    low, high = np.nanmin(values), np.nanmax(values)
-    return f"{low:g}..{high:g}" if np.issubdtype(values.dtype, np.floating) else f"{int(low)}..{int(high)}"
-
-
-def to_rgb_array(image: PILImage.Image, source: str = "image") -> np.ndarray:
-    """A PIL image as the `(height, width, 3)` uint8 RGB array a SAK model reads; `ValueError` naming `source`, the
-    mode and what is expected for anything that is not an 8-bit photo.
-
-    The rules (shared by `SAKImageProcessor`, `predict` and the dataset converters):
-    - `RGB`; `L` and `1` (grayscale, replicated to 3 channels; `1` is 0 or 255); `P` (palette looked up); `RGBX`,
-      `CMYK`, `YCbCr`, `LAB`, `HSV` (PIL's conversion, no colour management): converted to RGB.
-    - Transparency (`RGBA`, `RGBa`, `LA`, `PA`, or a `transparency` key such as a palette PNG's): composited onto a
-      white background, as `transformers.image_transforms.convert_to_rgb` does:
-      `round(c * a / 255 + 255 * (1 - a / 255))` per channel.
-    - `I;16*`, `I` and `F` (16-bit, 32-bit integer or float single-channel: depth and disparity maps) and any other
-      mode are rejected: their values have no 8-bit photo meaning.
-    """
-    mode = image.mode
-    if mode in ("I", "F") or mode.startswith("I;"):
-        bits = "32-bit float" if mode == "F" else "16-bit" if mode.startswith("I;16") else "32-bit integer"
-        raise ValueError(
-            f"{source}: mode {mode} ({bits} single channel, values {_value_range(np.asarray(image))}) is not a "
-            "photo; SAK expects an 8-bit RGB or grayscale photo, and this looks like a depth or disparity map. A "
-            "high-bit-depth grayscale photo must be scaled to 8 bits first"
-        )
-    if mode not in PHOTO_MODES:
-        raise ValueError(
-            f"{source}: mode {mode} is not supported; SAK expects an 8-bit photo in one of the modes "
-            f"{', '.join(PHOTO_MODES)}"
-        )
-    if mode in ALPHA_MODES or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)
-        alpha = rgba[..., 3:] / 255.0
-        return np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return np.asarray(image.convert("RGB"))
-
-
-def load_rgb_image(path: str | os.PathLike) -> np.ndarray:
-    """An image file as `(height, width, 3)` uint8 RGB by the rules of `to_rgb_array`; `ValueError` naming the file
-    when it cannot be read or is not an 8-bit photo."""
-    try:
-        image = PILImage.open(path)
-        image.load()
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError) as error:
-        raise ValueError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from error
-    with image:
-        return to_rgb_array(image, str(path))
 
 
 def _format_factor(factor: float) -> str:
@@ -135,7 +79,7 @@ def _to_chw_float(image, index: int, full_scale: float | None, rescale_rule: str
                     "photo of another range needs rescale_factor = 1 / its maximum)"
                 )
             raise ValueError(
-                f"{name}: {image.dtype} values {_value_range(image)} lie outside 0..{full_scale:g}, which "
+                f"{name}: {image.dtype} values {value_range(image)} lie outside 0..{full_scale:g}, which "
                 f"{rescale_rule} expects; {hint}"
             )
         if is_float and full_scale > 1 and 0 < high <= 1:
@@ -356,19 +300,19 @@ class SAKImageProcessor(BaseImageProcessor):
 
     def post_process_multi_task(self, outputs, target_sizes=None, content_boxes=None) -> list[dict[str, torch.Tensor]]:
         """Every task of `outputs`, one dict task -> prediction per image (see the `post_process_*` methods)."""
-        per_task = {
-            "semseg": self.post_process_semantic_segmentation,
-            "human_parts": self.post_process_semantic_segmentation,
+        by_post_processing = {  # the task table's (tasks_sak.TASKS) post-processing names
+            "class_ids": self.post_process_semantic_segmentation,
             "depth": self.post_process_depth_estimation,
-            "normals": self.post_process_surface_normals,
-            "edge": self.post_process_boundaries,
-            "sal": self.post_process_saliency,
+            "unit_normals": self.post_process_surface_normals,
+            "sigmoid": self.post_process_boundaries,
+            "softmax": self.post_process_saliency,
         }
         task_outputs = outputs.task_outputs if hasattr(outputs, "task_outputs") else outputs
         results = {}
         for task in task_outputs:
-            if task in per_task:
-                results[task] = per_task[task](outputs, target_sizes, content_boxes, task=task)
+            if task in TASKS:
+                post_process = by_post_processing[TASKS[task].post_processing]
+                results[task] = post_process(outputs, target_sizes, content_boxes, task=task)
             else:
                 results[task] = self._per_image(outputs, task, target_sizes, content_boxes)
         batch = next(iter(task_outputs.values())).shape[0]

@@ -9,6 +9,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .tasks_sak import TASK_PRESETS, TASKS
+
 
 def hub_cards_dir() -> Path:
     """hub_cards/ of the source tree, or where `pip install` put it (setup.cfg data_files)."""
@@ -18,11 +20,11 @@ def hub_cards_dir() -> Path:
     raise FileNotFoundError("hub_cards/sak_model_card.md not found; reinstall sak-hf")
 
 
-METRIC_NAMES = {("semseg", "mIoU"): "mIoU", ("depth", "rmse"): "RMSE", ("normals", "mean"): "mean angular error",
-                ("edge", "odsF"): "boundary odsF", ("edge", "odsF_tol"): "boundary F (tolerance)",
-                ("human_parts", "mIoU"): "mIoU", ("sal", "maxF"): "maxF"}  # fmt: skip
-TASK_TYPES = {"semseg": "image-segmentation", "human_parts": "image-segmentation", "depth": "depth-estimation",
-              "normals": "depth-estimation", "edge": "image-segmentation", "sal": "image-segmentation"}  # fmt: skip
+# The model-index names of the metrics a card reports: each task's main metric (the task table's), and the quick
+# tolerance-based boundary F of `--eval_boundary tolerance` runs.
+METRIC_NAMES = {(task, spec.main_metric): spec.metric_name for task, spec in TASKS.items()} | {
+    ("edge", "odsF_tol"): "boundary F (tolerance)"
+}
 
 
 # DESIGN section 3: the paper's numbers for the released configurations, shown beside measured ones.
@@ -38,8 +40,6 @@ REPORTED = {
 
 def reported_table(config) -> str:
     """The authors' numbers for this configuration (NYUD-v2 ViT-B/L, PASCAL-Context ViT-L), or an empty string."""
-    from .configuration_sak import TASK_PRESETS
-
     preset = next((name for name, p in TASK_PRESETS.items() if p["tasks"] == dict(config.tasks)), None)
     numbers = REPORTED.get((preset, config.hidden_size))
     if not numbers:
@@ -65,7 +65,7 @@ def render_model_card(
 ) -> ModelCard:
     """A model card for a SAK checkpoint: usage, model, recipe, results (also as model-index), limitations."""
     eval_results = [
-        EvalResult(task_type=TASK_TYPES.get(task, "image-segmentation"), dataset_type=dataset_name,
+        EvalResult(task_type=TASKS[task].hub_task_type, dataset_type=dataset_name,
                    dataset_name=dataset_name, metric_type=METRIC_NAMES[(task, metric)].lower().replace(" ", "_"),
                    metric_name=METRIC_NAMES[(task, metric)], metric_value=round(float(value), 4))
         for task, values in results.items() for metric, value in values.items() if (task, metric) in METRIC_NAMES

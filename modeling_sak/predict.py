@@ -25,7 +25,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from .evaluation.pictures import save_task_pictures
-from .image_processing_sak import load_rgb_image
+from .image_io_sak import load_rgb_image
 
 
 def load_images(paths: list[str]) -> tuple[list[tuple[Path, np.ndarray]], list[str]]:

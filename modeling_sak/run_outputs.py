@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .data.toyrooms import CLASSES
-from .evaluation.metrics import MAIN_METRIC, delta_m
 from .evaluation.pictures import prediction_grid, router_bar_chart
+from .evaluation.registry import MAIN_METRIC, delta_m
 from .image_processing_sak import SAKImageProcessor
 from .model_card import render_model_card
 from .recipe import Recipe

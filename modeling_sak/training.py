@@ -1,15 +1,13 @@
 """What `train_accelerate.py` needs beside its story: data loaders, teachers, the student, optimizer groups,
-schedules, atomic checkpoints, the NaN guard, evaluation with process-summed metrics, LoRA merging."""
+schedules, atomic checkpoints, the NaN guard, LoRA merging (evaluation: `modeling_sak.evaluation.loop`)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,6 @@ from transformers.utils import logging
 from .configuration_sak import SAKConfig
 from .data.loading import COLUMN_MAPPINGS, ImageStream, MultiTaskStream, load_multitask_split, task_columns
 from .data.transforms import MultiTaskTransform, stage1_transform
-from .evaluation.metrics import make_metrics
 from .modeling_sak import SAKForMultiTask, resize_position_embeddings
 from .recipe import Recipe
 from .specialist_teachers import ensure_specialists, ensure_toyrooms
@@ -265,47 +262,6 @@ def training_state(step: int, epoch: int, batch_in_epoch: int, loss_history: lis
     every process: the positions are gathered."""
     positions = gather_object([[epoch, batch_in_epoch]])
     return {"step": step, "positions": positions, "loss_history": loss_history, "lr_history": lr_history}
-
-
-def evaluate(model, loader, accelerator, config: SAKConfig, boundary: str = "bsds") -> dict[str, dict[str, float]]:
-    """Metrics of every task over this process's part of `loader`, summed across processes. The model runs in
-    `evaluation_mode` and comes back in the mode it was found in."""
-    metrics = make_metrics(config.tasks, config.semantic_loss_ignore_index, boundary)
-    with evaluation_mode(model):
-        for batch in loader:
-            if batch["pixel_values"] is None:
-                continue
-            outputs = model(pixel_values=batch["pixel_values"].to(accelerator.device))
-            for task, metric in metrics.items():
-                label = batch["labels"].get(task)
-                if label is not None:
-                    metric.update(outputs.task_outputs[task].float().cpu(), label)
-    results = {}
-    for task, metric in metrics.items():
-        state = {k: accelerator.reduce(v.to(accelerator.device), "sum").cpu() for k, v in metric.state().items()}
-        metric.load_state(state)
-        results[task] = metric.compute()
-    return results
-
-
-@contextlib.contextmanager
-def evaluation_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Eval mode under `torch.inference_mode()` for every evaluation and picture; on exit each module's training flag
-    is back as it was found.
-
-    In train mode BatchNorm would normalise with batch statistics and update its running statistics, dropout would
-    drop and noisy gating would add noise: evaluation would give other numbers and change the model. The flags are
-    restored per module, so a model with some parts kept in eval (e.g. frozen statistics) comes back exactly as it was.
-    """
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield model
-    finally:
-        model.train(modes[model])  # through `train` first: modules may act on it (e.g. drop an eval-only cache)
-        for module, training in modes.items():
-            module.training = training
 
 
 def save_lora_adapter(model: SAKForMultiTask, directory: str | Path) -> Path | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,18 @@ from modeling_sak import SAKForMultiTask, SAKImageProcessor
 PACKAGE = Path(modeling_sak.__file__).parent
 # The files `save_pretrained` copies into a checkpoint: the model's and the processor's modules and every file they
 # reach by single-level relative imports (DESIGN.md section 5). Nothing of teachers, data, evaluation or training.
-CARRIED = {"configuration_sak.py", "modeling_sak.py", "losses.py", "fast_path_sak.py", "image_processing_sak.py"}
+CARRIED = {
+    "configuration_sak.py",
+    "modeling_sak.py",
+    "losses.py",
+    "fast_path_sak.py",
+    "image_processing_sak.py",
+    "tasks_sak.py",
+    "image_io_sak.py",
+}
+# The carried files that hold no model code and import no torch (the task table and IGNORE_INDEX; the photo rules):
+# the only files of the model the data package may import.
+PLAIN_CARRIED = {"tasks_sak.py", "image_io_sak.py"}
 # What a carried file may import besides the standard library and the other carried files: torch and transformers,
 # numpy and PIL for the image processor.
 ALLOWED_PACKAGES = {"torch", "transformers", "numpy", "PIL"}
@@ -104,3 +116,62 @@ def test_the_carried_set_is_what_transformers_copies():
     for entry in ("modeling_sak.py", "image_processing_sak.py"):
         copied |= {entry, *(Path(path).name for path in get_relative_import_files(str(PACKAGE / entry)))}
     assert copied == CARRIED
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package's modules it imports (nested imports included: a lazy import still makes a circle)."""
+    files = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        targets = set()
+        for level, module, names in _imports(path):
+            base = (
+                module if level == 0 else ".".join(package[: len(package) - level + 1] + ([module] if module else []))
+            )
+            for imported in names or [None]:
+                full = f"{base}.{imported}" if imported else base
+                if full in files:
+                    targets.add(full)
+                elif base in files:
+                    targets.add(base)
+        graph[name] = targets - {name}
+    return graph
+
+
+def test_the_package_has_no_import_circle():
+    try:
+        order = list(graphlib.TopologicalSorter(_import_graph()).static_order())
+    except graphlib.CycleError as error:
+        raise AssertionError(f"import circle: {' -> '.join(error.args[1])}") from None
+    assert "modeling_sak.tasks_sak" in order
+
+
+def test_the_never_imports_of_the_layers():
+    """data imports nothing of the model but the plain carried files (never modeling_sak.py, the image processor,
+    teachers, evaluation or training); evaluation never imports training or teachers."""
+    plain = {f"modeling_sak.{name.removesuffix('.py')}" for name in PLAIN_CARRIED}
+    training_side = {
+        f"modeling_sak.{name}"
+        for name in ("training", "teachers", "timm_teachers", "specialist_teachers", "recipe", "run_outputs")
+    }
+    problems = []
+    for module, targets in sorted(_import_graph().items()):
+        if module.startswith("modeling_sak.data"):
+            allowed = {t for t in targets if t.startswith("modeling_sak.data") or t in plain}
+            problems += [f"{module} imports {t}" for t in sorted(targets - allowed)]
+        if module.startswith("modeling_sak.evaluation"):
+            problems += [f"{module} imports {t}" for t in sorted(targets & training_side)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_schema_columns_are_the_task_table():
+    from modeling_sak.data.schema import TASK_COLUMNS
+    from modeling_sak.tasks_sak import TASKS
+
+    assert sorted(TASK_COLUMNS) == sorted(TASKS)

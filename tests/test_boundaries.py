@@ -30,7 +30,9 @@ from modeling_sak.evaluation.boundaries import (
     thin,
     threshold_levels,
 )
-from modeling_sak.evaluation.metrics import BOUNDARY_MAX_DIST, BoundaryMetric, best_f_measure, make_metrics
+from modeling_sak.evaluation.counts import best_f_measure
+from modeling_sak.evaluation.metrics import BoundaryMetric
+from modeling_sak.evaluation.registry import BOUNDARY_MAX_DIST, make_metrics
 
 
 def square_outline(size: int = 64, top: int = 16, side: int = 32) -> np.ndarray:

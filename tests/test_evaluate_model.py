@@ -17,8 +17,8 @@ from PIL import Image
 from modeling_sak import SAKForMultiTask
 from modeling_sak import evaluate_model as evaluate_model_module
 from modeling_sak.evaluate_model import main
+from modeling_sak.evaluation.loop import evaluate
 from modeling_sak.prepare_dataset import make_toyrooms
-from modeling_sak.training import evaluate
 
 
 def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch):

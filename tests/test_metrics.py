@@ -7,16 +7,8 @@ import math
 import pytest
 import torch
 
-from modeling_sak.evaluation.metrics import (
-    SINGLE_TASK_BASELINES,
-    BoundaryMetric,
-    DepthMetric,
-    NormalsMetric,
-    SaliencyMetric,
-    SemsegMetric,
-    delta_m,
-    make_metrics,
-)
+from modeling_sak.evaluation.metrics import BoundaryMetric, DepthMetric, NormalsMetric, SaliencyMetric, SemsegMetric
+from modeling_sak.evaluation.registry import SINGLE_TASK_BASELINES, delta_m, make_metrics
 
 
 def test_miou_and_pixel_accuracy_by_hand():

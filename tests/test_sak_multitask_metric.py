@@ -8,7 +8,7 @@ import torch
 from conftest import nyud_labels
 
 from modeling_sak.evaluation import metric_module_path
-from modeling_sak.evaluation.metrics import delta_m, make_metrics
+from modeling_sak.evaluation.registry import delta_m, make_metrics
 
 
 def predictions_for(labels: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:

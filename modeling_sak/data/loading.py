@@ -22,7 +22,8 @@ from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers.utils import logging
 
-from .schema import IGNORE_INDEX, TASK_COLUMNS, check_example, decode_example, decode_image
+from ..tasks_sak import IGNORE_INDEX
+from .schema import TASK_COLUMNS, check_example, decode_example, decode_image
 from .transforms import collate_multitask
 
 

@@ -30,11 +30,13 @@ import numpy as np
 from datasets import Features, Image, Value
 from PIL import Image as PILImage
 
-from ..image_processing_sak import to_rgb_array
+from ..image_io_sak import to_rgb_array
+from ..tasks_sak import IGNORE_INDEX
 
 
+# The task columns of a split, in the order files are written (kept for the splits already written); the tasks
+# themselves are the task table's (`tasks_sak.TASKS`; tests/test_architecture.py checks the two agree).
 TASK_COLUMNS = ("semseg", "depth", "normals", "edge", "human_parts", "sal")
-IGNORE_INDEX = 255
 
 
 def features_for(columns: list[str]) -> Features:
@@ -99,7 +101,7 @@ def _open_cell(value: Any, row_id: str, column: str) -> PILImage.Image:
 
 
 def decode_image(value: Any, row_id: str) -> np.ndarray:
-    """The `image` cell of a row as uint8 (H, W, 3) RGB, by the mode rules of `image_processing_sak.to_rgb_array`
+    """The `image` cell of a row as uint8 (H, W, 3) RGB, by the mode rules of `image_io_sak.to_rgb_array`
     (grayscale replicated, transparency composited onto white); `ValueError` naming the row when it cannot be decoded
     or is not an 8-bit photo (e.g. a 16-bit depth map)."""
     return to_rgb_array(_open_cell(value, row_id, "image"), f"row {row_id!r}: image")

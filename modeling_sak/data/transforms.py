@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .schema import IGNORE_INDEX
+from ..tasks_sak import IGNORE_INDEX
 
 
 IMAGENET_MEAN = np.array(IMAGENET_DEFAULT_MEAN, dtype=np.float32)

@@ -1,4 +1,7 @@
-"""Evaluation of SAK: dense metrics, boundary odsF, Delta_m, the `evaluate` module and pictures."""
+"""Evaluation of SAK, one concept per file: `counts` (count-metric base, best F) <- `metrics` (dense metrics) and
+`boundaries` (the paper's odsF) <- `registry` (`make_metrics`, `delta_m`, `MAIN_METRIC`) <- `loop` (`evaluate`,
+`evaluation_mode`) and `sak_multitask` (the `evaluate` module); `pictures`. Task facts come from `tasks_sak`; nothing
+here imports training or teachers."""
 
 from pathlib import Path
 

@@ -50,6 +50,9 @@ Known differences from the MATLAB code:
 - Several ground-truth annotations per image (BSDS500) are not supported. On PASCAL-Context SEISM's G is the
   PASCAL-Context label map; here it is the boundary label the metric receives.
 - Images smaller than 2 pixels in either direction skip the NMS (MATLAB's would read outside the image).
+
+Over 500 lines on purpose: it is one protocol, its steps in the order SEISM runs them, each a function tested alone;
+split across files they would read out of order.
 """
 
 from __future__ import annotations
@@ -69,10 +72,10 @@ from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from .metrics import CountsMetric, best_f_measure, binary_probability
+from ..tasks_sak import IGNORE_INDEX
+from .counts import CountsMetric, best_f_measure, binary_probability
 
 
-IGNORE_INDEX = 255
 # parameters.txt of the authors' SEISM fork: the strings "0.01" ... "0.99", read with str2double
 SEISM_THRESHOLDS: tuple[float, ...] = tuple(float(f"0.{k:02d}") for k in range(1, 100))
 # eval_method.m: maxDist per SEISM database name; every other name gets SEISM_DEFAULT_MAX_DIST

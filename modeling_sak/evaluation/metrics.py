@@ -23,70 +23,23 @@ Logits or probabilities: the saliency and boundary metrics take `from_logits` (d
 `SAKForMultiTask` returns raw head outputs): True applies the sigmoid (one channel) or the softmax (two channels);
 False expects probabilities in [0, 1] and rejects other values. Nothing is guessed from the values of a batch.
 
-`delta_m` gives the multi-task gain against single-task baselines (`SINGLE_TASK_BASELINES`: the paper's).
+The base of the count-based metrics is in `counts.py`; `make_metrics` and `delta_m` (the multi-task registry) in
+`registry.py`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..tasks_sak import IGNORE_INDEX
+from .counts import CountsMetric, best_f_measure, binary_probability
 
-IGNORE_INDEX = 255
-METRICS_VERSION = 3  # bumped whenever a definition changes (cached results of older versions are recomputed)
+
 FIXED_POINT_BITS = 24  # float statistics are summed as integers in units of 2^-24 (exact in any order)
-
-
-class CountsMetric:
-    """Base of the metrics whose whole state is one int64 `counts` tensor (summed across processes)."""
-
-    counts: torch.Tensor
-
-    def state(self) -> dict[str, torch.Tensor]:
-        """The summed counts."""
-        return {"counts": self.counts}
-
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Replace the counts (e.g. by the sum of the states of several processes)."""
-        self.counts = state["counts"].long().cpu()
-
-
-def best_f_measure(counts: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The index of the best F (the first, as MATLAB's max), and precision, recall and F per threshold, of boundary
-    counts (4, T): cntP (matched predicted), sumP (predicted), cntR (matched ground-truth), sumR (ground-truth pixels).
-
-    Zero sums follow SEISM's `gather_measure.m`: where sumR = 0 (and cntP = 0) R = 1, P = 0; where sumP = 0 (and
-    cntR = 0) R = 0, P = 1, which wins when both are 0; where sumP and cntR are non-zero R = cntR / sumR and
-    P = cntP / sumP; elsewhere P = R = 0. F = 2PR / (P + R), 0 where P + R = 0.
-    """
-    cnt_p, sum_p, cnt_r, sum_r = counts.double()
-    precision, recall = torch.zeros_like(cnt_p), torch.zeros_like(cnt_p)
-    no_truth, no_prediction = (sum_r == 0) & (cnt_p == 0), (sum_p == 0) & (cnt_r == 0)
-    recall[no_truth], precision[no_truth] = 1.0, 0.0
-    recall[no_prediction], precision[no_prediction] = 0.0, 1.0
-    regular = (sum_p != 0) & (cnt_r != 0)
-    recall[regular], precision[regular] = cnt_r[regular] / sum_r[regular], cnt_p[regular] / sum_p[regular]
-    total = precision + recall
-    f = torch.where(total > 0, 2 * precision * recall / total.clamp(min=1e-300), torch.zeros_like(total))
-    return int(f.argmax()), precision, recall, f
-
-
-def binary_probability(prediction: torch.Tensor, from_logits: bool, what: str) -> torch.Tensor:
-    """float32 probabilities of a one-channel prediction: the sigmoid of logits, or checked probabilities."""
-    prediction = prediction.detach().float()
-    if from_logits:
-        return prediction.sigmoid()
-    if prediction.numel() and not bool(((prediction >= 0) & (prediction <= 1)).all()):
-        raise ValueError(
-            f"{what}: from_logits=False, but the predictions range over {float(prediction.min()):.4g} ... "
-            f"{float(prediction.max()):.4g}, outside [0, 1]; pass logits with from_logits=True (the default) or "
-            "probabilities"
-        )
-    return prediction
 
 
 class SemsegMetric:
@@ -304,84 +257,3 @@ class BoundaryMetric(CountsMetric):
     def compute(self) -> dict[str, float]:
         best, _, _, f = best_f_measure(self.counts)
         return {"odsF_tol": float(f[best] * 100), "threshold": float(self.thresholds[best])}
-
-
-# Main metric per task, and whether lower is better (the Delta_m sign).
-MAIN_METRIC = {
-    "semseg": "mIoU",
-    "human_parts": "mIoU",
-    "depth": "rmse",
-    "normals": "mean",
-    "edge": "odsF",
-    "sal": "maxF",
-}
-LOWER_IS_BETTER = {"depth": True, "normals": True}
-# Single-task baselines reported by the SAK authors (DESIGN section 3), the default reference of Delta_m.
-SINGLE_TASK_BASELINES = {
-    "nyud_vitb": {"semseg": {"mIoU": 51.15}, "depth": {"rmse": 0.5792}, "normals": {"mean": 19.77},
-                  "edge": {"odsF": 77.35}},
-    "nyud_vitl": {"semseg": {"mIoU": 54.19}, "depth": {"rmse": 0.5560}, "normals": {"mean": 19.22},
-                  "edge": {"odsF": 78.09}},
-}  # fmt: skip
-
-
-def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | str) -> float:
-    """Multi-task gain over `baseline` in percent: the mean over tasks of the relative change of each task's main
-    metric, negated where lower is better. `baseline` is results of the same form or a SINGLE_TASK_BASELINES key;
-    tasks missing from either side are left out (NaN when none is shared)."""
-    if isinstance(baseline, str):
-        if baseline not in SINGLE_TASK_BASELINES:
-            raise ValueError(
-                f"unknown baseline {baseline!r}; known: {sorted(SINGLE_TASK_BASELINES)} or a results dict"
-            )
-        baseline = SINGLE_TASK_BASELINES[baseline]
-    terms = []
-    for task, metric in MAIN_METRIC.items():
-        ours, theirs = results.get(task, {}).get(metric), baseline.get(task, {}).get(metric)
-        if ours is not None and theirs is not None:
-            sign = -1.0 if LOWER_IS_BETTER.get(task) else 1.0
-            terms.append(sign * (ours - theirs) / theirs * 100)
-    return sum(terms) / len(terms) if terms else float("nan")
-
-
-# "bsds": the paper's odsF, i.e. the authors' SEISM protocol (NMS, 8-bit maps, BSDS one-to-one matching; see
-# boundaries.py); "tolerance": a quick tolerance-based F for monitoring.
-BOUNDARY_KINDS = ("bsds", "tolerance")
-# maxDist per task preset (configuration_sak.TASK_PRESETS) = boundaries.seism_max_dist of the reference's SEISM
-# database names: "NYUD" 0.011, "PASCALContext" 0.0075 (SEISM's default; its 0.01 is for the 'Pascal' database).
-BOUNDARY_MAX_DIST = {"nyud_v2": 0.011, "pascal_context": 0.0075}
-
-
-def make_metrics(tasks: dict[str, int], ignore_index: int = IGNORE_INDEX, boundary: str = "bsds",
-                 boundary_max_dist: float | None = None, num_workers: int | None = None,
-                 from_logits: bool = True) -> dict[str, Any]:  # fmt: skip
-    """One accumulator per task. Boundaries: "bsds" (the paper's odsF, SEISM protocol) or "tolerance" (quick);
-    maxDist defaults to PASCAL-Context's 0.0075 when the tasks include human_parts or sal, else NYUD's 0.011.
-    `from_logits` tells the edge and saliency metrics whether predictions are logits (default, as the model returns
-    them) or probabilities."""
-    if boundary not in BOUNDARY_KINDS:
-        raise ValueError(f"boundary={boundary!r}: use 'bsds' (the paper's odsF) or 'tolerance' (quick monitoring)")
-    if boundary_max_dist is None:
-        pascal = {"human_parts", "sal"} & set(tasks)
-        boundary_max_dist = BOUNDARY_MAX_DIST["pascal_context" if pascal else "nyud_v2"]
-    metrics: dict[str, Any] = {}
-    for task, channels in tasks.items():
-        if task in ("semseg", "human_parts"):
-            metrics[task] = SemsegMetric(channels, ignore_index)
-        elif task == "depth":
-            metrics[task] = DepthMetric()
-        elif task == "normals":
-            metrics[task] = NormalsMetric(ignore_index)
-        elif task == "sal":
-            metrics[task] = SaliencyMetric(ignore_index=ignore_index, from_logits=from_logits)
-        elif task == "edge" and boundary == "bsds":
-            from .boundaries import BoundaryODSMetric
-
-            metrics[task] = BoundaryODSMetric(
-                boundary_max_dist, from_logits=from_logits, ignore_index=ignore_index, num_workers=num_workers
-            )
-        elif task == "edge":
-            metrics[task] = BoundaryMetric(boundary_max_dist, ignore_index=ignore_index, from_logits=from_logits)
-        else:
-            raise ValueError(f"no metric for task {task!r}; known: semseg, human_parts, depth, normals, sal, edge")
-    return metrics

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from ..tasks_sak import IGNORE_INDEX, TASKS
 
 
 VOID_COLOUR = (224, 223, 192)  # ignored pixels, as the reference draws them
@@ -32,21 +33,32 @@ def palette(task: str, num_classes: int) -> np.ndarray:
     0 is "unlabeled"), PASCAL semseg, human parts and other label sets the VOC colours of the id; 255 = void."""
     offset = 1 if task == "semseg" and num_classes == 40 else 0
     colours = _bit_interleaved_colours(256, offset)
-    colours[255] = VOID_COLOUR
+    colours[IGNORE_INDEX] = VOID_COLOUR
     return colours
 
 
-def colorize(task: str, value: torch.Tensor, num_classes: int = 40, depth_range: tuple[float, float] | None = None):
-    """One task map -> uint8 RGB (H, W, 3): semseg palette, depth colormap, normals as RGB, boundaries grey."""
+def colorize(
+    task: str,
+    value: torch.Tensor,
+    num_classes: int = 40,
+    depth_range: tuple[float, float] | None = None,
+    logits: bool = True,
+):
+    """One task map -> uint8 RGB (H, W, 3): semseg palette, depth colormap, normals as RGB, boundaries grey.
+
+    `logits=True` (a head's raw output, as `SAKForMultiTask` returns it): probability maps get the task table's
+    post-processing first (`tasks_sak.TASKS`: the sigmoid for `edge`, the softmax's class 1 for `sal`).
+    `logits=False`: a label (255 = ignored) or an already post-processed map, drawn as it is."""
     import matplotlib
 
     value = value.detach().float().cpu()
-    if task in ("semseg", "human_parts"):
+    post_processing = TASKS[task].post_processing if task in TASKS else None
+    if post_processing == "class_ids":
         ids = value.argmax(0) if value.dim() == 3 and value.shape[0] > 1 else value.reshape(value.shape[-2:])
         return palette(task, num_classes)[ids.long().clamp(0, 255).numpy()]
-    if task == "depth":
+    if post_processing == "depth":
         depth = value.reshape(value.shape[-2:]).numpy()
-        valid = depth != 255
+        valid = depth != IGNORE_INDEX
         low, high = depth_range or (
             float(depth[valid].min()) if valid.any() else 0,
             float(depth[valid].max()) if valid.any() else 1,
@@ -55,18 +67,18 @@ def colorize(task: str, value: torch.Tensor, num_classes: int = 40, depth_range:
         rgb = (matplotlib.colormaps["magma_r"](scaled)[..., :3] * 255).astype(np.uint8)
         rgb[~valid] = 0
         return rgb
-    if task == "normals":
+    if post_processing == "unit_normals":
         normals = torch.nn.functional.normalize(value, dim=0).permute(1, 2, 0).numpy()
-        invalid = (value == 255).all(0).numpy()
+        invalid = (value == IGNORE_INDEX).all(0).numpy()
         rgb = ((normals + 1) * 127.5).clip(0, 255).astype(np.uint8)
         rgb[invalid] = 0
         return rgb
-    if value.dim() == 3 and value.shape[0] == 2:  # two-class logits (sal): probability of class 1
+    if logits and post_processing == "softmax":  # two-class logits: probability of class 1
         value = value.softmax(0)[1]
-    probability = value.reshape(value.shape[-2:])
-    if probability.min() < 0 or probability.max() > 1.0 and (probability != 255).all():
-        probability = probability.sigmoid()
-    grey = (np.where(probability.numpy() == 255, 0, probability.numpy()) * 255).clip(0, 255).astype(np.uint8)
+    elif logits and post_processing == "sigmoid":
+        value = value.sigmoid()
+    probability = value.reshape(value.shape[-2:]).numpy()
+    grey = (np.where(probability == IGNORE_INDEX, 0, probability) * 255).clip(0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
@@ -101,10 +113,10 @@ def prediction_grid(pixel_values, labels, task_outputs, path: str | Path, num_cl
             gt = labels.get(task) if labels else None
             depth_range = None
             if task == "depth" and gt is not None:
-                valid = gt[i][gt[i] != 255]
+                valid = gt[i][gt[i] != IGNORE_INDEX]
                 depth_range = (float(valid.min()), float(valid.max())) if valid.numel() else None
             if gt is not None:
-                cells.append(colorize(task, gt[i], num_classes, depth_range))
+                cells.append(colorize(task, gt[i], num_classes, depth_range, logits=False))
                 headers += [f"{task} truth"] if i == 0 else []
             cells.append(colorize(task, task_outputs[task][i], num_classes, depth_range))
             headers += [f"{task} pred"] if i == 0 else []
@@ -129,7 +141,7 @@ def save_task_pictures(image: np.ndarray | None, predictions: dict[str, torch.Te
         cells.append(np.asarray(image, dtype=np.uint8))
         headers.append("input")
     for task, value in predictions.items():
-        rgb = colorize(task, value, (num_classes or {}).get(task, 40))
+        rgb = colorize(task, value, (num_classes or {}).get(task, 40), logits=False)
         path = directory / f"{stem}_{task}.png"
         Image.fromarray(rgb).save(path)
         written.append(path)

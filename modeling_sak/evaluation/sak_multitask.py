@@ -30,8 +30,8 @@ import evaluate
 import numpy as np
 import torch
 
-from modeling_sak.configuration_sak import TASK_PRESETS
-from modeling_sak.evaluation.metrics import BOUNDARY_MAX_DIST, delta_m, make_metrics
+from modeling_sak.evaluation.registry import BOUNDARY_MAX_DIST, delta_m, make_metrics
+from modeling_sak.tasks_sak import TASK_PRESETS
 
 
 _CITATION = """@inproceedings{lu2025sak,
