@@ -58,8 +58,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="cache of ToyRooms data and teachers")
     parser.add_argument("--push_to_hub", action="store_true", help="upload the final model to --hub_model_id")
     parser.add_argument("--hub_model_id", help="ORG/NAME of the Hub repo for --push_to_hub")
-    parser.add_argument("--num_threads", type=int, help="CPU threads per process (default without a GPU: physical "
-                        "cores / local processes; `accelerate launch` without --cpu would otherwise leave 1)")  # fmt: skip
+    parser.add_argument(
+        "--num_threads",
+        type=int,
+        help="CPU threads per process (default without a GPU: physical "
+        "cores / local processes; `accelerate launch` without --cpu would otherwise leave 1)",
+    )
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
@@ -70,8 +74,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     return args, recipe
 
 
-def train(recipe: Recipe, teacher_specs: dict, dataset: str, output_dir: Path, accelerator: Accelerator,
-          resume: str | None = None, label: str = "SAK") -> dict:  # fmt: skip
+def train(
+    recipe: Recipe,
+    teacher_specs: dict,
+    dataset: str,
+    output_dir: Path,
+    accelerator: Accelerator,
+    resume: str | None = None,
+    label: str = "SAK",
+) -> dict:
     """One training run: the student, its frozen teachers, the loop, a final checkpoint and evaluation."""
     set_seed(recipe.seed)
     config = build_config(recipe, teacher_specs)
@@ -85,8 +96,9 @@ def train(recipe: Recipe, teacher_specs: dict, dataset: str, output_dir: Path, a
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
-    scheduler = make_scheduler(optimizer, recipe.lr_scheduler, recipe.max_steps, recipe.warmup_steps,
-                               recipe.poly_power)  # fmt: skip
+    scheduler = make_scheduler(
+        optimizer, recipe.lr_scheduler, recipe.max_steps, recipe.warmup_steps, recipe.poly_power
+    )
     # The scheduler is sized in optimizer steps and stepped below once per optimizer step (the Accelerator is made
     # with step_scheduler_with_optimizer=False: otherwise it would step it once per process per optimizer step).
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -100,8 +112,9 @@ def train(recipe: Recipe, teacher_specs: dict, dataset: str, output_dir: Path, a
         epoch, batch_in_epoch = state["positions"][accelerator.process_index]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
-    progress = tqdm(total=recipe.max_steps, initial=step, desc=f"training {label}",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(
+        total=recipe.max_steps, initial=step, desc=f"training {label}", disable=not accelerator.is_local_main_process
+    )
     skipped_rows, stream = 0, train_loader.dataset
     model.train()
     while step < recipe.max_steps:
@@ -180,13 +193,23 @@ def train(recipe: Recipe, teacher_specs: dict, dataset: str, output_dir: Path, a
     # Stage 1, stage 2 and the baseline share the Accelerator: let go of this run's model, optimizer and scheduler,
     # or the next run's checkpoints would hold them too.
     accelerator.free_memory()
-    return {"results": results, "router_weights": router_weights, "model": unwrapped, "sample": sample,
-            "config": unwrapped.config, "skipped_rows": skipped_rows, "steps": step, "loss_history": loss_history,
-            "lr_history": lr_history, "replicas": replicas}  # fmt: skip
+    return {
+        "results": results,
+        "router_weights": router_weights,
+        "model": unwrapped,
+        "sample": sample,
+        "config": unwrapped.config,
+        "skipped_rows": skipped_rows,
+        "steps": step,
+        "loss_history": loss_history,
+        "lr_history": lr_history,
+        "replicas": replicas,
+    }
 
 
-def train_baseline(recipe: Recipe, dataset: str, output_dir: Path, cache_dir: str, accelerator: Accelerator,
-                   fresh: bool) -> dict:  # fmt: skip
+def train_baseline(
+    recipe: Recipe, dataset: str, output_dir: Path, cache_dir: str, accelerator: Accelerator, fresh: bool
+) -> dict:
     """The no-teacher baseline with the same stage-2 budget, its results cached under a key of the recipe, the metric
     definitions and the code (package, this script, torch and transformers versions): a cached baseline is exactly
     what a cold run would train."""
@@ -231,8 +254,13 @@ def main(argv: list[str] | None = None) -> None:
     baseline_recipe = recipe.replace(teachers="none")  # before stage 1: the baseline never sees a teacher
     if recipe.stage == 2 and recipe.stage1_steps and teachers:
         # Stage 1 (distillation on every training image, labels unused), then stage 2 starts from its student.
-        stage1 = recipe.replace(stage=1, max_steps=recipe.stage1_steps, train_limit=None, eval_split="",
-                                output_dir=str(output_dir / "stage1"))  # fmt: skip
+        stage1 = recipe.replace(
+            stage=1,
+            max_steps=recipe.stage1_steps,
+            train_limit=None,
+            eval_split="",
+            output_dir=str(output_dir / "stage1"),
+        )
         first = train(stage1, teachers, dataset, output_dir / "stage1", accelerator, label="stage 1")
         if accelerator.is_main_process:
             merge_lora(first["model"]).save_pretrained(output_dir / "stage1" / "final", include_aligners=True)

@@ -162,11 +162,17 @@ def main() -> None:
     record = {
         "date": date.today().isoformat(),
         "machine": f"{platform.platform()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "versions": {"torch": torch.__version__, "scipy": scipy.__version__, "skimage": skimage.__version__,
-                     "numpy": np.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "scipy": scipy.__version__,
+            "skimage": skimage.__version__,
+            "numpy": np.__version__,
+        },
         "environment": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-        "load_average_1_5_15_min": {"before": [round(x, 2) for x in load_before],
-                                    "after": [round(x, 2) for x in os.getloadavg()]},
+        "load_average_1_5_15_min": {
+            "before": [round(x, 2) for x in load_before],
+            "after": [round(x, 2) for x in os.getloadavg()],
+        },
         "command": "python " + " ".join(sys.argv),
         "image_size": [args.height, args.width],
         "images_per_kind": args.images,
@@ -177,7 +183,7 @@ def main() -> None:
         "reference": "pyEdgeEval 0.2.8 on these machines (METRICS-NOTES): 3-17 s per 480x640 image with 9 "
         "thresholds, 107-218 s with 101 thresholds on a noisy map",
         "results": results,
-    }  # fmt: skip
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.output}")

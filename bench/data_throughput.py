@@ -69,9 +69,13 @@ def main() -> None:
                     f"{name:<18} workers={workers}: {result['steady']:7.1f} examples/s steady, "
                     f"{result['with_stall']:7.1f} with the end-of-pass stall of {result['stall_s']} s"
                 )
-    record = {"date": date.today().isoformat(), "machine": f"{platform.platform()}, {os.cpu_count()} cores",
-              "torch": torch.__version__, "command": f"python bench/data_throughput.py --images {args.images} "
-              f"--batch_size {args.batch_size}", "examples_per_second": results}  # fmt: skip
+    record = {
+        "date": date.today().isoformat(),
+        "machine": f"{platform.platform()}, {os.cpu_count()} cores",
+        "torch": torch.__version__,
+        "command": f"python bench/data_throughput.py --images {args.images} --batch_size {args.batch_size}",
+        "examples_per_second": results,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.output}")

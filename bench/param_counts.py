@@ -61,8 +61,13 @@ def main() -> None:
             f"{name:<22}{row['total_M']:>8.2f}M{row['inference_M']:>10.2f}M{row['stem_M']:>8.2f}"
             f"{row['teacher_paths_M']:>8.2f}{row['routers_M']:>9.2f}{row['heads_M']:>8.2f}{row['aligners_M']:>10.2f}"
         )
-    result = {"date": date.today().isoformat(), "machine": platform.platform(), "torch": torch.__version__,
-              "command": "python bench/param_counts.py", "students": rows}  # fmt: skip
+    result = {
+        "date": date.today().isoformat(),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+        "command": "python bench/param_counts.py",
+        "students": rows,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -77,10 +77,25 @@ def build_teachers(seed: int, dtype: torch.dtype):
     base = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
     models = {
         "dinov2": (Dinov2Model(Dinov2Config(**base, image_size=518, patch_size=14)), "dinov2"),
-        "clip": (CLIPVisionModel(CLIPVisionConfig(**base, intermediate_size=3072, image_size=224, patch_size=16)), "clip"),
-        "sam": (SamVisionModel(SamVisionConfig(**base, mlp_dim=3072, image_size=1024, patch_size=16, window_size=14,
-                                               global_attn_indexes=[2, 5, 8, 11], initializer_range=0.02)), "sam"),
-    }  # fmt: skip
+        "clip": (
+            CLIPVisionModel(CLIPVisionConfig(**base, intermediate_size=3072, image_size=224, patch_size=16)),
+            "clip",
+        ),
+        "sam": (
+            SamVisionModel(
+                SamVisionConfig(
+                    **base,
+                    mlp_dim=3072,
+                    image_size=1024,
+                    patch_size=16,
+                    window_size=14,
+                    global_attn_indexes=[2, 5, 8, 11],
+                    initializer_range=0.02,
+                )
+            ),
+            "sam",
+        ),
+    }
     return SAKTeachers(
         {name: SAKTeacher(name, model.to(dtype).eval(), family, None) for name, (model, family) in models.items()}
     )
@@ -140,8 +155,10 @@ def flop_counter():
         return sdpa_backward_flop_count(grad_out, query, key, value)
 
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
-               aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}  # fmt: skip
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    }
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
@@ -162,8 +179,9 @@ def inference_worker(job: dict) -> dict:
     rss_model = peak_rss_mib()
     autocast = variant == "fp32+autocast"
     if variant.startswith("fast"):
-        model.optimize_for_inference(dtype=None if variant == "fast-fp32" else torch.bfloat16,
-                                     compile=variant == "fast+compile")  # fmt: skip
+        model.optimize_for_inference(
+            dtype=None if variant == "fast-fp32" else torch.bfloat16, compile=variant == "fast+compile"
+        )
     pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(job["seed"] + 1))
 
     def forward():
@@ -188,9 +206,15 @@ def inference_worker(job: dict) -> dict:
         usage.append(((time.process_time() - cpu) / times[-1], os.getloadavg()[0]))
         if timer:
             components.append(timer.take())
-    result = {"seconds": times, "cpu_per_wall": [u[0] for u in usage], "load_1min": [u[1] for u in usage],
-              "warmup_seconds": warmup, "rss_after_build_mib": rss_model, "rss_before_timed_runs_mib": rss_ready,
-              "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+    result = {
+        "seconds": times,
+        "cpu_per_wall": [u[0] for u in usage],
+        "load_1min": [u[1] for u in usage],
+        "warmup_seconds": warmup,
+        "rss_after_build_mib": rss_model,
+        "rss_before_timed_runs_mib": rss_ready,
+        "peak_rss_mib": peak_rss_mib(),
+    }
     if components:
         result["components"] = {k: statistics.median(c[k] for c in components) for k in components[0]}
     if job["outputs"]:
@@ -260,9 +284,15 @@ def training_worker(job: dict) -> dict:
         usage.append(((time.process_time() - cpu) / times[-1], os.getloadavg()[0]))
         parts.append(dict(zip(("teachers", "student_forward", "backward", "optimizer"), marks.tolist())))
         components.append(timer.take())
-    result = {"seconds": times, "cpu_per_wall": [u[0] for u in usage], "load_1min": [u[1] for u in usage],
-              "warmup_seconds": warmup, "rss_after_build_mib": rss_model, "rss_before_timed_runs_mib": rss_ready,
-              "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+    result = {
+        "seconds": times,
+        "cpu_per_wall": [u[0] for u in usage],
+        "load_1min": [u[1] for u in usage],
+        "warmup_seconds": warmup,
+        "rss_after_build_mib": rss_model,
+        "rss_before_timed_runs_mib": rss_ready,
+        "peak_rss_mib": peak_rss_mib(),
+    }
     result["parts"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     result["student_forward_components"] = {k: statistics.median(c[k] for c in components) for k in components[0]}
     if job["outputs"]:
@@ -345,8 +375,14 @@ def trained_model_accuracy(path: str, num_images: int) -> dict:
 
 
 def machine_info(threads: int) -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     return {
         "platform": platform.platform(),
@@ -367,17 +403,21 @@ def print_table(results: dict) -> None:
     for section in ("inference", "training"):
         for setting, rows in results.get(section, {}).items():
             print(f"\n{section} {setting}")
-            print(f"{'variant':<24}{'median s':>9}{'min s':>8}{'x fp32':>7}{'x (min)':>8}{'GFLOP':>7}{'GFLOP/s':>8}"
-                  f"{'% bf16':>7}{'peak MiB':>9}{'max rel err':>12}{'argmax':>8}")  # fmt: skip
+            print(
+                f"{'variant':<24}{'median s':>9}{'min s':>8}{'x fp32':>7}{'x (min)':>8}{'GFLOP':>7}{'GFLOP/s':>8}"
+                f"{'% bf16':>7}{'peak MiB':>9}{'max rel err':>12}{'argmax':>8}"
+            )
             for variant, row in rows.items():
                 accuracy = row.get("accuracy", {})
                 error = max(accuracy.get("relative_error", {}).values(), default=float("nan"))
                 agree = accuracy.get("semseg_argmax_agreement", float("nan"))
-                print(f"{variant:<24}{row['median_seconds']:>9.3f}{row['min_seconds']:>8.3f}"
-                      f"{row['speedup_vs_fp32']:>7.2f}{row['speedup_vs_fp32_min']:>8.2f}"
-                      f"{row.get('gflops', float('nan')):>7.0f}{row.get('achieved_gflops_per_s', float('nan')):>8.0f}"
-                      f"{100 * row.get('fraction_of_bf16_floor', float('nan')):>7.0f}{row['peak_rss_mib']:>9.0f}"
-                      f"{error:>12.2e}{agree:>8.4f}")  # fmt: skip
+                print(
+                    f"{variant:<24}{row['median_seconds']:>9.3f}{row['min_seconds']:>8.3f}"
+                    f"{row['speedup_vs_fp32']:>7.2f}{row['speedup_vs_fp32_min']:>8.2f}"
+                    f"{row.get('gflops', float('nan')):>7.0f}{row.get('achieved_gflops_per_s', float('nan')):>8.0f}"
+                    f"{100 * row.get('fraction_of_bf16_floor', float('nan')):>7.0f}{row['peak_rss_mib']:>9.0f}"
+                    f"{error:>12.2e}{agree:>8.4f}"
+                )
 
 
 def main() -> None:
@@ -426,21 +466,39 @@ def main() -> None:
     if not args.skip_inference:
         for batch in args.batches:
             for variant in inference_variants:
-                jobs.append({"kind": "inference", "setting": f"batch {batch} at {args.size[0]}x{args.size[1]}",
-                             "variant": variant, "batch": batch, "size": args.size})  # fmt: skip
+                jobs.append(
+                    {
+                        "kind": "inference",
+                        "setting": f"batch {batch} at {args.size[0]}x{args.size[1]}",
+                        "variant": variant,
+                        "batch": batch,
+                        "size": args.size,
+                    }
+                )
     if not args.skip_training:
         setting = f"batch {args.train_batch} at {args.train_size[0]}x{args.train_size[1]}"
         for variant in TRAINING_VARIANTS:
-            jobs.append({"kind": "training", "setting": setting, "variant": variant, "batch": args.train_batch,
-                         "size": args.train_size})  # fmt: skip
+            jobs.append(
+                {
+                    "kind": "training",
+                    "setting": setting,
+                    "variant": variant,
+                    "batch": args.train_batch,
+                    "size": args.train_size,
+                }
+            )
 
     runs: dict[tuple, list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for round_index in range(args.rounds):
             for index, job in enumerate(jobs):
                 first = round_index == 0
-                job = job | {"seed": args.seed, "repeats": args.repeats, "count_flops": first,
-                             "outputs": str(Path(scratch) / f"{index}.pt") if first else None}  # fmt: skip
+                job = job | {
+                    "seed": args.seed,
+                    "repeats": args.repeats,
+                    "count_flops": first,
+                    "outputs": str(Path(scratch) / f"{index}.pt") if first else None,
+                }
                 print(
                     f"round {round_index + 1}/{args.rounds}: {job['kind']} {job['setting']} {job['variant']}",
                     flush=True,
@@ -453,14 +511,18 @@ def main() -> None:
         results = {"inference": {}, "training": {}}
         for (kind, setting, variant), rounds in runs.items():
             seconds = [s for r in rounds for s in r["seconds"]]
-            row = {"median_seconds": statistics.median(seconds), "min_seconds": min(seconds), "all_seconds": seconds,
-                   "cpu_per_wall": [c for r in rounds for c in r["cpu_per_wall"]],
-                   "load_1min_during_runs": [c for r in rounds for c in r["load_1min"]],
-                   "warmup_seconds": rounds[0]["warmup_seconds"],
-                   "peak_rss_mib": max(r["peak_rss_mib"] for r in rounds),
-                   "rss_after_build_mib": rounds[0]["rss_after_build_mib"],
-                   "rss_before_timed_runs_mib": rounds[0]["rss_before_timed_runs_mib"],
-                   "threads": rounds[0]["threads"]}  # fmt: skip
+            row = {
+                "median_seconds": statistics.median(seconds),
+                "min_seconds": min(seconds),
+                "all_seconds": seconds,
+                "cpu_per_wall": [c for r in rounds for c in r["cpu_per_wall"]],
+                "load_1min_during_runs": [c for r in rounds for c in r["load_1min"]],
+                "warmup_seconds": rounds[0]["warmup_seconds"],
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in rounds),
+                "rss_after_build_mib": rounds[0]["rss_after_build_mib"],
+                "rss_before_timed_runs_mib": rounds[0]["rss_before_timed_runs_mib"],
+                "threads": rounds[0]["threads"],
+            }
             for key in ("components", "parts", "student_forward_components"):
                 if key in rounds[0]:
                     row[key] = {k: statistics.median(r[key][k] for r in rounds) for k in rounds[0][key]}
@@ -490,15 +552,22 @@ def main() -> None:
                         row["accuracy"] = output_accuracy(outputs, reference_outputs)
                     else:
                         row["accuracy"] = {
-                            "loss": outputs["loss"], "loss_fp32": reference_outputs["loss"],
+                            "loss": outputs["loss"],
+                            "loss_fp32": reference_outputs["loss"],
                             "task_losses_relative_difference": {
-                                k: abs(v - reference_outputs["task_losses"][k]) / abs(reference_outputs["task_losses"][k])
-                                for k, v in outputs["task_losses"].items()},
-                            "distill_total_relative_difference": abs(outputs["distill_total"] - reference_outputs[
-                                "distill_total"]) / abs(reference_outputs["distill_total"]),
-                            "gradient_relative_error": {k: relative_error(v, reference_outputs["gradients"][k])
-                                                        for k, v in outputs["gradients"].items()},
-                        }  # fmt: skip
+                                k: abs(v - reference_outputs["task_losses"][k])
+                                / abs(reference_outputs["task_losses"][k])
+                                for k, v in outputs["task_losses"].items()
+                            },
+                            "distill_total_relative_difference": abs(
+                                outputs["distill_total"] - reference_outputs["distill_total"]
+                            )
+                            / abs(reference_outputs["distill_total"]),
+                            "gradient_relative_error": {
+                                k: relative_error(v, reference_outputs["gradients"][k])
+                                for k, v in outputs["gradients"].items()
+                            },
+                        }
     if args.trained_model and Path(args.trained_model).exists():
         results["trained_model_accuracy"] = trained_model_accuracy(args.trained_model, args.trained_images)
     elif args.trained_model:

@@ -33,9 +33,18 @@ def build_teachers(root: Path, width: int, layers: int) -> dict[str, dict]:
     models = {
         "dinov2": Dinov2Model(Dinov2Config(**tower, image_size=518, patch_size=14)),
         "clip": CLIPVisionModel(CLIPVisionConfig(**tower, intermediate_size=4 * width, image_size=384, patch_size=16)),
-        "sam": SamVisionModel(SamVisionConfig(**tower, mlp_dim=4 * width, image_size=1024, patch_size=16,
-                                              window_size=14, global_attn_indexes=global_layers, output_channels=64)),
-    }  # fmt: skip
+        "sam": SamVisionModel(
+            SamVisionConfig(
+                **tower,
+                mlp_dim=4 * width,
+                image_size=1024,
+                patch_size=16,
+                window_size=14,
+                global_attn_indexes=global_layers,
+                output_channels=64,
+            )
+        ),
+    }
     specs = {}
     for name, model in models.items():
         model.save_pretrained(root / name)
@@ -56,10 +65,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         specs = build_teachers(Path(tmp), args.width, args.layers)
         config = SAKConfig(
-            stem_config={"model_type": "vit", "hidden_size": args.width, "num_hidden_layers": 12,
-                         "num_attention_heads": 3, "intermediate_size": 4 * args.width},
+            stem_config={
+                "model_type": "vit",
+                "hidden_size": args.width,
+                "num_hidden_layers": 12,
+                "num_attention_heads": 3,
+                "intermediate_size": 4 * args.width,
+            },
             teachers=specs,
-        )  # fmt: skip
+        )
         committees = {
             "fp32": SAKTeachers.from_config(config),
             "bf16": SAKTeachers.from_config(config, dtype=torch.bfloat16),
@@ -83,21 +97,28 @@ def main() -> None:
         "date": date.today().isoformat(),
         "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "command": "python bench/teachers_forward.py " + " ".join(
-            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "output"
+        "command": "python bench/teachers_forward.py "
+        + " ".join(
+            f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in vars(args).items()
+            if k != "output"
         ),
         "median_seconds": median,
         "all_seconds": times,
         "speedup_bf16_over_fp32": median["fp32"] / median["bf16"],
         "max_relative_error_bf16_vs_fp32": errors,
         "grids": {t: list(v[0].shape[-2:]) for t, v in outputs["fp32"].items()},
-    }  # fmt: skip
-    print(f"committee forward, batch {args.batch} at {args.size[0]}x{args.size[1]} (DINOv2/CLIP/SAM-shaped, width "
-          f"{args.width}, {args.layers} layers):")  # fmt: skip
+    }
+    print(
+        f"committee forward, batch {args.batch} at {args.size[0]}x{args.size[1]} (DINOv2/CLIP/SAM-shaped, width "
+        f"{args.width}, {args.layers} layers):"
+    )
     for name, value in median.items():
         print(f"  {name}: {value:.3f} s (median of {args.repeats})")
-    print(f"  bf16 speed-up: {result['speedup_bf16_over_fp32']:.2f}x; max relative error per teacher: "
-          + ", ".join(f"{t} {e:.4f}" for t, e in errors.items()))  # fmt: skip
+    print(
+        f"  bf16 speed-up: {result['speedup_bf16_over_fp32']:.2f}x; max relative error per teacher: "
+        + ", ".join(f"{t} {e:.4f}" for t, e in errors.items())
+    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -26,16 +26,24 @@ def main() -> None:
     torch.manual_seed(0)
 
     config = SAKConfig(
-        stem_config={"model_type": "vit", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
-                     "intermediate_size": 128, "layer_norm_eps": 1e-6},
+        stem_config={
+            "model_type": "vit",
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "layer_norm_eps": 1e-6,
+        },
         image_size=[96, 128],
         teachers={"dinov2": 96, "clip": 64, "sam": 64},  # dinov2 wider than the stem -> aligners
         use_aligners=True,
         tasks="nyud_v2",
-    )  # fmt: skip
+    )
     model = SAKForMultiTask(config)
-    print(f"SAK student: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, teachers "
-          f"{list(config.teachers)}, tasks {list(config.tasks)}")  # fmt: skip
+    print(
+        f"SAK student: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, teachers "
+        f"{list(config.teachers)}, tasks {list(config.tasks)}"
+    )
 
     pixel_values = torch.randn(2, 3, 96, 128)
     labels = {
@@ -44,8 +52,9 @@ def main() -> None:
         "edge": (torch.rand(2, 1, 96, 128) > 0.9).float(),
         "depth": torch.rand(2, 1, 96, 128) * 5,
     }
-    teacher_features = {name: [torch.randn(2, spec["hidden_size"], 6, 8) for _ in range(4)]
-                        for name, spec in config.teachers.items()}  # fmt: skip
+    teacher_features = {
+        name: [torch.randn(2, spec["hidden_size"], 6, 8) for _ in range(4)] for name, spec in config.teachers.items()
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for step in range(1, args.steps + 1):

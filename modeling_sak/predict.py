@@ -41,8 +41,11 @@ def load_images(paths: list[str]) -> tuple[list[tuple[Path, np.ndarray]], list[s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m modeling_sak.predict", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_sak.predict",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     parser.add_argument(
         "--model", required=True, help="a SAK checkpoint folder or Hub id (loaded with trust_remote_code)"
@@ -50,8 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", default="predictions", help="where the pictures go (default: predictions)")
     parser.add_argument("--batch_size", type=int, default=1, help="images per forward pass (they are padded together)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--bf16", action="store_true", help="fast path: model.optimize_for_inference() in bfloat16 "
-                        "(about 2.4x faster on CPU, outputs within ~1e-2 of float32)")  # fmt: skip
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="fast path: model.optimize_for_inference() in bfloat16 "
+        "(about 2.4x faster on CPU, outputs within ~1e-2 of float32)",
+    )
     parser.add_argument("--revision", default=None, help="model revision (branch, tag or commit) on the Hub")
     return parser.parse_args(argv)
 

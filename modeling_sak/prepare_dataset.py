@@ -78,9 +78,17 @@ def write_split(
     return count
 
 
-def write_card(output_dir: Path, pretty_name: str, counts: dict[str, int], columns: list[str], description: str,
-               citation: str | None = None, license: str = "other", repo_id: str | None = None,
-               provenance: str | None = None) -> None:  # fmt: skip
+def write_card(
+    output_dir: Path,
+    pretty_name: str,
+    counts: dict[str, int],
+    columns: list[str],
+    description: str,
+    citation: str | None = None,
+    license: str = "other",
+    repo_id: str | None = None,
+    provenance: str | None = None,
+) -> None:
     """README.md from hub_cards/dataset_card.md, with YAML metadata (features, splits, data files)."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
@@ -201,8 +209,13 @@ def convert_nyud(source: str | Path, output_dir: str | Path, rows_per_shard: int
     problems = []
     for ids in splits.values():
         for example_id in ids:
-            for folder, suffixes in (("images", (".png", ".jpg")), ("segmentation", (".png",)),
-                                     ("normals", (".png",)), ("edge", (".png",)), ("depth", (".npy",))):  # fmt: skip
+            for folder, suffixes in (
+                ("images", (".png", ".jpg")),
+                ("segmentation", (".png",)),
+                ("normals", (".png",)),
+                ("edge", (".png",)),
+                ("depth", (".npy",)),
+            ):
                 if _find(source / folder, example_id, suffixes) is None:
                     problems.append(f"{folder}/{example_id}{suffixes[0]}")
     if problems:
@@ -344,8 +357,13 @@ def _pascal_row(source: Path, example_id: str, valid_classes: set[int], num_clas
         sal = (np.asarray(Image.open(paths["sal"]).convert("L"), dtype=np.float32) / 255 > 0.5).astype(np.float32)
     except Exception as error:
         raise ValueError(f"{example_id}: unreadable file ({type(error).__name__}: {error})") from error
-    for name, value in (("semseg", semseg), ("context label map", label_map), ("human_parts", parts),
-                        ("normals", stored_normals), ("sal", sal)):  # fmt: skip
+    for name, value in (
+        ("semseg", semseg),
+        ("context label map", label_map),
+        ("human_parts", parts),
+        ("normals", stored_normals),
+        ("sal", sal),
+    ):
         if value.shape[:2] != image.shape[:2]:
             raise ValueError(f"{example_id}: {name} is {value.shape[:2]} but the image is {image.shape[:2]}")
     bad = np.setdiff1d(np.unique(semseg), [*range(num_classes), 255])
@@ -353,12 +371,14 @@ def _pascal_row(source: Path, example_id: str, valid_classes: set[int], num_clas
         raise ValueError(f"{example_id}: semseg has ids {bad.tolist()} outside 0..{num_classes - 1} and 255")
     # Distilled normals are kept only on classes NYUD-v2 also has; elsewhere zero (ignored in training).
     normals = np.where(np.isin(label_map, list(valid_classes))[..., None], stored_normals, 0.0)
-    return encode_example(example_id, image, semseg=semseg, human_parts=parts, normals=normals,
-                          edge=context_edges(label_map), sal=sal)  # fmt: skip
+    return encode_example(
+        example_id, image, semseg=semseg, human_parts=parts, normals=normals, edge=context_edges(label_map), sal=sal
+    )
 
 
-def convert_pascal_context(source: str | Path, output_dir: str | Path, rows_per_shard: int = 200,
-                           num_classes: int = 21) -> dict[str, int]:  # fmt: skip
+def convert_pascal_context(
+    source: str | Path, output_dir: str | Path, rows_per_shard: int = 200, num_classes: int = 21
+) -> dict[str, int]:
     """Convert the reference PASCAL-Context folder; every file is checked before anything is written."""
     source, output_dir = Path(source), Path(output_dir)
     if not source.is_dir():
@@ -397,8 +417,14 @@ def convert_pascal_context(source: str | Path, output_dir: str | Path, rows_per_
     return counts
 
 
-def make_toyrooms(output_dir: str | Path, num_train: int = 2000, num_test: int = 200,
-                  size: tuple[int, int] = (96, 128), seed: int = 0, rows_per_shard: int = 500) -> dict[str, int]:  # fmt: skip
+def make_toyrooms(
+    output_dir: str | Path,
+    num_train: int = 2000,
+    num_test: int = 200,
+    size: tuple[int, int] = (96, 128),
+    seed: int = 0,
+    rows_per_shard: int = 500,
+) -> dict[str, int]:
     """Render ToyRooms train (scenes 0..num_train-1) and test (scenes 10**6..) splits into the schema."""
     output_dir = Path(output_dir)
     columns = ["semseg", "depth", "normals", "edge"]
@@ -434,8 +460,11 @@ def push_folder(output_dir: str | Path, repo_id: str, private: bool = False) -> 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m modeling_sak.prepare_dataset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_sak.prepare_dataset",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="dataset", required=True)
     nyud = sub.add_parser("nyud", help="convert the reference NYUD-v2 folder layout")
     nyud.add_argument(
@@ -469,8 +498,9 @@ def main(argv: list[str] | None = None) -> None:
     elif args.dataset == "pascal_context":
         counts = convert_pascal_context(args.source, args.output_dir, args.rows_per_shard, args.num_classes)
     else:
-        counts = make_toyrooms(args.output_dir, args.num_train, args.num_test, tuple(args.size), args.seed,
-                               args.rows_per_shard)  # fmt: skip
+        counts = make_toyrooms(
+            args.output_dir, args.num_train, args.num_test, tuple(args.size), args.seed, args.rows_per_shard
+        )
     print(f"wrote {', '.join(f'{s}: {n}' for s, n in counts.items())} to {args.output_dir}")
     if args.push_to_hub:
         print(f"uploaded to {push_folder(args.output_dir, args.push_to_hub, args.private)}")

@@ -88,8 +88,11 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, revision: s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modeling_sak.publish", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_sak.publish",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--checkpoint", required=True, help="a folder written by save_pretrained (+ processor, card)")
     parser.add_argument("--repo_id", required=True, help="ORG/NAME of the model repo")
     parser.add_argument("--private", action="store_true", help="create the repo as private")

@@ -69,12 +69,19 @@ class Recipe:
         example="semseg=1 depth=1",
     )
     stem: dict[str, Any] = _field(
-        {"model_type": "vit", "hidden_size": 96, "num_hidden_layers": 4, "num_attention_heads": 3,
-         "intermediate_size": 384, "patch_size": 8, "layer_norm_eps": 1e-6},
+        {
+            "model_type": "vit",
+            "hidden_size": 96,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 3,
+            "intermediate_size": 384,
+            "patch_size": 8,
+            "layer_norm_eps": 1e-6,
+        },
         "the stem's transformers config: `hidden_size=384 num_hidden_layers=12 ...` or a YAML/JSON mapping (used when "
         "stem_model is not given)",
         example="hidden_size=384 num_hidden_layers=12",
-    )  # fmt: skip
+    )
     stem_model: str | None = _field(None, "Hub id or path of a ViT/DINOv2 checkpoint to start the stem from")
     teachers: dict[str, Any] | str = _field(
         "toyrooms_specialists",

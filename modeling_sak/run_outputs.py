@@ -35,8 +35,13 @@ def metric_table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_run_outputs(output_dir: Path, runs: dict[str, dict[str, Any]], recipe: Recipe, hub_model_id: str | None,
-                      print_fn: Callable[[str], None] = print) -> Path:  # fmt: skip
+def write_run_outputs(
+    output_dir: Path,
+    runs: dict[str, dict[str, Any]],
+    recipe: Recipe,
+    hub_model_id: str | None,
+    print_fn: Callable[[str], None] = print,
+) -> Path:
     """Write `final/` (LoRA merged, no aligners, no teachers; the image processor; a model card with the results),
     the LoRA adapter alone (`lora_adapter/`, when trained with LoRA), `all_results.json` and the pictures of the
     main run `runs["SAK"]`; print the metric table and router weights. Main process only. Returns `final/`."""
@@ -49,8 +54,11 @@ def write_run_outputs(output_dir: Path, runs: dict[str, dict[str, Any]], recipe:
     results: dict[str, Any] = {name: r["results"] for name, r in runs.items()}
     if len(runs) == 2:
         results["Delta_m_vs_baseline"] = delta_m(runs["SAK"]["results"], runs["baseline"]["results"])
-    results |= {"loss_history": run["loss_history"], "lr_history": run["lr_history"],
-                "skipped_rows": run["skipped_rows"]}  # fmt: skip
+    results |= {
+        "loss_history": run["loss_history"],
+        "lr_history": run["lr_history"],
+        "skipped_rows": run["skipped_rows"],
+    }
     if run["replicas"] is not None:
         results["replicas"] = run["replicas"]
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -68,11 +76,21 @@ def write_run_outputs(output_dir: Path, runs: dict[str, dict[str, Any]], recipe:
         shutil.copy(router_picture, final / "router_weights.png")
     if run["sample"] is not None:
         sample = run["sample"]
-        prediction_grid(sample["pixel_values"], sample["labels"], sample["task_outputs"],
-                        output_dir / "predictions.png", config.tasks.get("semseg", len(CLASSES)))  # fmt: skip
+        prediction_grid(
+            sample["pixel_values"],
+            sample["labels"],
+            sample["task_outputs"],
+            output_dir / "predictions.png",
+            config.tasks.get("semseg", len(CLASSES)),
+        )
     parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aligners."))
-    card = render_model_card(config, hub_model_id or f"local/{output_dir.name}", run["results"],
-                             recipe.to_dict() | {"parameters": f"{parameters / 1e6:.2f}M"}, recipe.dataset,
-                             "router_weights.png" if router_picture else None)  # fmt: skip
+    card = render_model_card(
+        config,
+        hub_model_id or f"local/{output_dir.name}",
+        run["results"],
+        recipe.to_dict() | {"parameters": f"{parameters / 1e6:.2f}M"},
+        recipe.dataset,
+        "router_weights.png" if router_picture else None,
+    )
     card.save(final / "README.md")
     return final

@@ -72,8 +72,15 @@ def train_specialist(
     """Train one specialist, save it, and return its test metrics next to a chance baseline."""
     torch.manual_seed(seed)
     outputs = SPECIALISTS[kind]
-    config = ViTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=max(1, width // 32),
-                       intermediate_size=4 * width, image_size=list(size), patch_size=patch, layer_norm_eps=1e-6)  # fmt: skip
+    config = ViTConfig(
+        hidden_size=width,
+        num_hidden_layers=depth,
+        num_attention_heads=max(1, width // 32),
+        intermediate_size=4 * width,
+        image_size=list(size),
+        patch_size=patch,
+        layer_norm_eps=1e-6,
+    )
     model, head = ViTModel(config, add_pooling_layer=False), PatchHead(width, patch, outputs)
     parameters = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
@@ -123,8 +130,11 @@ def train_specialist(
                 depth_metric.update(prediction["depth"], batch["labels"]["depth"])
                 normals_metric.update(prediction["normals"], batch["labels"]["normals"])
                 chance.update(torch.full_like(batch["labels"]["depth"], train_mean), batch["labels"]["depth"])
-            metrics = {"depth_rmse": depth_metric.compute()["rmse"], "chance_depth_rmse": chance.compute()["rmse"],
-                       "normals_mean_angle": normals_metric.compute()["mean"]}  # fmt: skip
+            metrics = {
+                "depth_rmse": depth_metric.compute()["rmse"],
+                "chance_depth_rmse": chance.compute()["rmse"],
+                "normals_mean_angle": normals_metric.compute()["mean"],
+            }
         else:
             semseg, chance = SemsegMetric(len(CLASSES)), SemsegMetric(len(CLASSES))
             for batch in test_loader:
@@ -165,12 +175,22 @@ def source_fingerprint(*modules: str | Path) -> str:
 PACKAGE = Path(__file__).resolve().parent
 # The code that renders ToyRooms, and that plus what trains a specialist on it.
 TOYROOMS_SOURCES = ("data/toyrooms.py", "data/schema.py", "prepare_dataset.py")
-SPECIALIST_SOURCES = (*TOYROOMS_SOURCES, "specialist_teachers.py", "data/loading.py", "data/transforms.py",
-                      "losses.py")  # fmt: skip
+SPECIALIST_SOURCES = (
+    *TOYROOMS_SOURCES,
+    "specialist_teachers.py",
+    "data/loading.py",
+    "data/transforms.py",
+    "losses.py",
+)
 
 
-def ensure_toyrooms(cache_dir: str | Path = DEFAULT_CACHE, num_train: int = 2000, num_test: int = 200,
-                    size: tuple[int, int] = (96, 128), seed: int = 0) -> Path:  # fmt: skip
+def ensure_toyrooms(
+    cache_dir: str | Path = DEFAULT_CACHE,
+    num_train: int = 2000,
+    num_test: int = 200,
+    size: tuple[int, int] = (96, 128),
+    seed: int = 0,
+) -> Path:
     """The ToyRooms folder for these settings and this code, rendered on first use."""
     from .prepare_dataset import make_toyrooms
 
@@ -181,8 +201,13 @@ def ensure_toyrooms(cache_dir: str | Path = DEFAULT_CACHE, num_train: int = 2000
     return folder
 
 
-def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CACHE, steps: int | dict[str, int] = 600,
-                       size: tuple[int, int] = (96, 128), **kwargs) -> dict[str, Path]:  # fmt: skip
+def ensure_specialists(
+    data_dir: str | Path,
+    cache_dir: str | Path = DEFAULT_CACHE,
+    steps: int | dict[str, int] = 600,
+    size: tuple[int, int] = (96, 128),
+    **kwargs,
+) -> dict[str, Path]:
     """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder, settings and code).
 
     `steps` is one number or one per teacher (`{"geometry": 1000, "semantics": 300}`: depth is harder to learn)."""
@@ -200,8 +225,11 @@ def ensure_specialists(data_dir: str | Path, cache_dir: str | Path = DEFAULT_CAC
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m modeling_sak.specialist_teachers", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_sak.specialist_teachers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--data", required=True, help="a ToyRooms folder (python -m modeling_sak.prepare_dataset toyrooms)"
     )
@@ -217,8 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
     for kind in SPECIALISTS:
-        metrics = train_specialist(kind, args.data, Path(args.output_dir) / kind, tuple(args.size), args.steps,
-                                   args.batch_size, args.width, args.depth, args.patch, args.seed)  # fmt: skip
+        metrics = train_specialist(
+            kind,
+            args.data,
+            Path(args.output_dir) / kind,
+            tuple(args.size),
+            args.steps,
+            args.batch_size,
+            args.width,
+            args.depth,
+            args.patch,
+            args.seed,
+        )
         print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
 

@@ -269,9 +269,16 @@ class SAKTeacher(FrozenTeacher):
         vision = vision_config_of(model.config)
         model_id = model_id or getattr(model.config, "_name_or_path", "") or None
         super().__init__(
-            name, model, family, vision.hidden_size, vision.num_hidden_layers, out_indices, renormalize, mean_std,
+            name,
+            model,
+            family,
+            vision.hidden_size,
+            vision.num_hidden_layers,
+            out_indices,
+            renormalize,
+            mean_std,
             model_id,
-        )  # fmt: skip
+        )
         self.config_overrides = dict(config_overrides or {})
         patch = getattr(vision, "patch_size", None)
         self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
@@ -444,9 +451,15 @@ def load_teacher(
             f"once with `hf download {model_id}` or set the teacher's model_id to a local folder"
         ) from error
     teacher = SAKTeacher(
-        name, model, family, out_indices, renormalize, position_interpolation=position_interpolation,
-        model_id=model_id, config_overrides=config_overrides,
-    )  # fmt: skip
+        name,
+        model,
+        family,
+        out_indices,
+        renormalize,
+        position_interpolation=position_interpolation,
+        model_id=model_id,
+        config_overrides=config_overrides,
+    )
     teacher.requires_grad_(False)
     return teacher.eval()
 
@@ -484,10 +497,15 @@ class SAKTeachers:
                     "local folder (e.g. 'facebook/dinov2-base')"
                 )
             teacher = load_teacher(
-                name, spec["model_id"], spec.get("out_indices"), dtype, renormalize,
+                name,
+                spec["model_id"],
+                spec.get("out_indices"),
+                dtype,
+                renormalize,
                 position_interpolation=spec.get("position_interpolation"),
-                config_overrides=spec.get("config_overrides"), **hub_kwargs,
-            )  # fmt: skip
+                config_overrides=spec.get("config_overrides"),
+                **hub_kwargs,
+            )
             if teacher.hidden_size != spec["hidden_size"]:
                 raise ValueError(
                     f"teacher '{name}' ({spec['model_id']}) has width {teacher.hidden_size} but the config says "

@@ -155,8 +155,13 @@ class TimmTeacher(FrozenTeacher):
             self.sam_size = self.native_size[0]
         parameters = inspect.signature(model.forward_intermediates).parameters
         self._intermediate_kwargs = {"indices": self.out_indices, "norm": False, "intermediates_only": True}
-        self._intermediate_kwargs.update({k: v for k, v in (("return_prefix_tokens", False), ("stop_early", True),
-                                                           ("output_fmt", "NCHW")) if k in parameters})  # fmt: skip
+        self._intermediate_kwargs.update(
+            {
+                k: v
+                for k, v in (("return_prefix_tokens", False), ("stop_early", True), ("output_fmt", "NCHW"))
+                if k in parameters
+            }
+        )
 
     def prepare_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         inputs = super().prepare_inputs(pixel_values)

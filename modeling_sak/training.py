@@ -42,8 +42,9 @@ def resolve_data_and_teachers(recipe: Recipe, cache_dir: str, accelerator) -> tu
     if dataset == "toyrooms":
         toy = recipe.toyrooms
         with accelerator.main_process_first():
-            dataset = str(ensure_toyrooms(cache_dir, toy["num_train"], toy["num_test"], tuple(recipe.image_size),
-                                          toy["seed"]))  # fmt: skip
+            dataset = str(
+                ensure_toyrooms(cache_dir, toy["num_train"], toy["num_test"], tuple(recipe.image_size), toy["seed"])
+            )
     teachers = recipe.teachers
     if teachers in (None, "none", {}):
         return dataset, {}
@@ -62,15 +63,23 @@ def resolve_data_and_teachers(recipe: Recipe, cache_dir: str, accelerator) -> tu
 def make_loader(recipe: Recipe, dataset: str, split: str, train: bool, tasks: list[str], accelerator, seed: int):
     """This process's DataLoader of a split. Not to be passed to `accelerator.prepare`: the stream reads this
     process's part itself, every row once per epoch across processes x workers (`SplitStream`)."""
-    data = load_multitask_split(dataset, split, streaming=recipe.streaming,
-                                shuffle_buffer=recipe.shuffle_buffer if train and recipe.streaming else None,
-                                seed=seed)  # fmt: skip
+    data = load_multitask_split(
+        dataset,
+        split,
+        streaming=recipe.streaming,
+        shuffle_buffer=recipe.shuffle_buffer if train and recipe.streaming else None,
+        seed=seed,
+    )
     if train and recipe.train_limit:
         limit = recipe.train_limit
         data = data.take(limit) if recipe.streaming else data.select(range(min(limit, len(data))))
     batch_size = recipe.per_device_train_batch_size if train else recipe.per_device_eval_batch_size
-    split_args = {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "batch_size": batch_size,
-                  "shuffle_seed": seed if train and not recipe.streaming else None}  # fmt: skip
+    split_args = {
+        "rank": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "batch_size": batch_size,
+        "shuffle_seed": seed if train and not recipe.streaming else None,
+    }
     columns = task_columns(data)  # may read a row of a stream: once
     if recipe.stage == 1 and not columns:  # images only: any Hub image dataset, e.g. ImageNet-1k
         transform = partial(stage1_transform, train, recipe.image_size[0], seed)
@@ -82,14 +91,20 @@ def make_loader(recipe: Recipe, dataset: str, split: str, train: bool, tasks: li
                 f"dataset {dataset!r} ({split}) has no column for the tasks {missing}; remove them from `tasks` or "
                 "convert the data with `python -m modeling_sak.prepare_dataset`"
             )
-        transform = MultiTaskTransform(train=train, size=recipe.image_size, seed=seed, scale_range=recipe.scale_range,
-                                       photometric=recipe.photometric)  # fmt: skip
+        transform = MultiTaskTransform(
+            train=train,
+            size=recipe.image_size,
+            seed=seed,
+            scale_range=recipe.scale_range,
+            photometric=recipe.photometric,
+        )
         stream = MultiTaskStream(data, transform, tasks, train=train, dataset_name=dataset, **split_args)
     # A DataLoader draws a seed whenever it starts iterating; from its own generator that draw leaves the global RNG
     # (noisy gating, restored on resume) untouched, so a resumed run continues the same random sequence.
     generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=stream.collate,
-                                       num_workers=recipe.num_workers, generator=generator)  # fmt: skip
+    return torch.utils.data.DataLoader(
+        stream, batch_size=batch_size, collate_fn=stream.collate, num_workers=recipe.num_workers, generator=generator
+    )
 
 
 def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]]) -> SAKConfig:
@@ -168,8 +183,12 @@ def apply_lora(model: SAKForMultiTask, lora: dict[str, Any]) -> SAKForMultiTask:
     unknown = sorted(set(lora) - {"r", "alpha", "dropout", "target_modules"})
     if unknown:
         raise ValueError(f"lora: unknown keys {unknown}; valid keys are r, alpha, dropout and target_modules")
-    config = LoraConfig(target_modules=lora.get("target_modules", ["qkv", "proj", "fc1", "fc2"]),
-                        r=lora.get("r", 8), lora_alpha=lora.get("alpha", 16), lora_dropout=lora.get("dropout", 0.0))  # fmt: skip
+    config = LoraConfig(
+        target_modules=lora.get("target_modules", ["qkv", "proj", "fc1", "fc2"]),
+        r=lora.get("r", 8),
+        lora_alpha=lora.get("alpha", 16),
+        lora_dropout=lora.get("dropout", 0.0),
+    )
     model.stem = inject_adapter_in_model(config, model.stem)
     return model
 
@@ -255,8 +274,9 @@ def resolve_checkpoint(output_dir: str | Path, value: str) -> Path:
     return path
 
 
-def training_state(step: int, epoch: int, batch_in_epoch: int, loss_history: list[float],
-                   lr_history: list[float]) -> dict[str, Any]:  # fmt: skip
+def training_state(
+    step: int, epoch: int, batch_in_epoch: int, loss_history: list[float], lr_history: list[float]
+) -> dict[str, Any]:
     """What a checkpoint needs beside accelerate's state: the step, the histories and every process's position in its
     data (streamed parts can differ in length between processes, so each keeps its own epoch and batch). Call it on
     every process: the positions are gathered."""

@@ -64,8 +64,15 @@ def tiny_vit_stems(monkeypatch):
 
     from modeling_sak import convert_original_sak
 
-    stems = {f"vit_{name}": {"hidden_size": d["dim"], "num_hidden_layers": d["depth"], "num_attention_heads": d["heads"],
-                             "intermediate_size": d["hidden"]} for name, d in SHAPES.items()}  # fmt: skip
+    stems = {
+        f"vit_{name}": {
+            "hidden_size": d["dim"],
+            "num_hidden_layers": d["depth"],
+            "num_attention_heads": d["heads"],
+            "intermediate_size": d["hidden"],
+        }
+        for name, d in SHAPES.items()
+    }
     monkeypatch.setattr(convert_original_sak, "REFERENCE_STEMS", stems)
     # Tiny teachers: widths come from the aligners in the checkpoint, or equal the stem's without them.
     monkeypatch.setattr(convert_original_sak, "REFERENCE_TEACHERS", {})

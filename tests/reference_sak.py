@@ -118,8 +118,21 @@ class RefMoR(nn.Module):
 
 
 class RefSAKBackbone(nn.Module):
-    def __init__(self, img_size, dim, depth, heads, hidden, tea_dims, out_indices, tasks, ratio=4, aligner=False,
-                 router_type="mor", noisy=True):  # fmt: skip
+    def __init__(
+        self,
+        img_size,
+        dim,
+        depth,
+        heads,
+        hidden,
+        tea_dims,
+        out_indices,
+        tasks,
+        ratio=4,
+        aligner=False,
+        router_type="mor",
+        noisy=True,
+    ):
         super().__init__()
         self.vit = RefViT(img_size, dim, depth, heads, hidden)
         self.out_indices, self.tasks, self.teachers = out_indices, tasks, list(tea_dims)

@@ -131,21 +131,26 @@ def test_radius_4_nms_suppresses_a_weaker_parallel_ridge_3_pixels_away():
 
 
 def test_seg2bmap_marks_label_changes_with_the_last_row_and_column_rules():
-    seg = np.array([
-        [1, 1, 2, 2, 2],
-        [1, 1, 2, 2, 2],
-        [1, 1, 1, 1, 3],
-        [4, 4, 1, 1, 3],
-    ])  # fmt: skip
+    seg = np.array(
+        [
+            [1, 1, 2, 2, 2],
+            [1, 1, 2, 2, 2],
+            [1, 1, 1, 1, 3],
+            [4, 4, 1, 1, 3],
+        ]
+    )
     # Inside: marked where the right, lower or lower-right neighbour differs. Last row: right neighbour only
     # ((3, 0) is not marked although its upper neighbour differs, (3, 1) and (3, 3) are); last column: lower neighbour
     # only ((1, 4): 2 above 3); the bottom-right pixel never.
-    expected = np.array([
-        [0, 1, 0, 0, 0],
-        [0, 1, 1, 1, 1],
-        [1, 1, 0, 1, 0],
-        [0, 1, 0, 1, 0],
-    ], dtype=bool)  # fmt: skip
+    expected = np.array(
+        [
+            [0, 1, 0, 0, 0],
+            [0, 1, 1, 1, 1],
+            [1, 1, 0, 1, 0],
+            [0, 1, 0, 1, 0],
+        ],
+        dtype=bool,
+    )
     np.testing.assert_array_equal(seg2bmap(seg), expected)
 
 
@@ -187,12 +192,14 @@ def test_max_dist_per_database():
 
 def test_zero_count_conventions_of_gather_measure():
     # columns: a regular threshold, no predicted pixel, no ground-truth pixel, nothing at all, no match
-    counts = torch.tensor([
-        [3, 0, 0, 0, 0],  # cntP
-        [4, 0, 4, 0, 5],  # sumP
-        [3, 0, 0, 0, 0],  # cntR
-        [6, 5, 0, 0, 6],  # sumR
-    ])  # fmt: skip
+    counts = torch.tensor(
+        [
+            [3, 0, 0, 0, 0],  # cntP
+            [4, 0, 4, 0, 5],  # sumP
+            [3, 0, 0, 0, 0],  # cntR
+            [6, 5, 0, 0, 6],  # sumR
+        ]
+    )
     best, precision, recall, f = best_f_measure(counts)
     torch.testing.assert_close(precision, torch.tensor([0.75, 1.0, 0.0, 1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(recall, torch.tensor([0.5, 0.0, 1.0, 0.0, 0.0], dtype=torch.float64))

@@ -35,8 +35,10 @@ def test_pascal_context_preset():
     assert config.id2label[0] == "background" and len(config.id2label) == 21
 
 
-@pytest.mark.parametrize("depth, expected", [(12, [2, 5, 8, 11]), (24, [5, 11, 17, 23]), (32, [7, 15, 23, 31]),
-                                             (40, [9, 19, 29, 39]), (4, [0, 1, 2, 3])])  # fmt: skip
+@pytest.mark.parametrize(
+    "depth, expected",
+    [(12, [2, 5, 8, 11]), (24, [5, 11, 17, 23]), (32, [7, 15, 23, 31]), (40, [9, 19, 29, 39]), (4, [0, 1, 2, 3])],
+)
 def test_depth_rule_for_output_levels(depth, expected):
     assert default_out_indices(depth) == expected
 

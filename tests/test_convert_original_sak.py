@@ -33,9 +33,17 @@ def write_reference_run(tmp_path, shape: str, aligner: bool, stage: int, router_
         if aligner
         else dict.fromkeys(("dinov2", "clip", "sam"), dims["dim"])
     )
-    backbone_kwargs = dict(dim=dims["dim"], depth=dims["depth"], heads=dims["heads"], hidden=dims["hidden"],
-                           tea_dims=tea_dims, out_indices=[0, 1, 2, 3], aligner=aligner, router_type=router_type,
-                           noisy=noisy)  # fmt: skip
+    backbone_kwargs = dict(
+        dim=dims["dim"],
+        depth=dims["depth"],
+        heads=dims["heads"],
+        hidden=dims["hidden"],
+        tea_dims=tea_dims,
+        out_indices=[0, 1, 2, 3],
+        aligner=aligner,
+        router_type=router_type,
+        noisy=noisy,
+    )
     if stage == 2:
         model = RefMultiTaskModel(IMAGE_SIZE, NYUD_TASKS, **backbone_kwargs)
     else:
@@ -47,11 +55,21 @@ def write_reference_run(tmp_path, shape: str, aligner: bool, stage: int, router_
     )
     config = {
         "dataset": "nyud" if stage == 2 else "imagenet",
-        "teachers": {name: {"backbone_type": f"{name}_{shape}" if name != "clip" else f"timmclip_{shape}"} for name in tea_dims},
-        "student": {"backbone": {"backbone_type": "sak", "vit_name": f"vit_{shape}", "down_ratio": 4, "aligner": aligner,
-                                 "router_type": router_type, "noisy_gating": noisy}},
+        "teachers": {
+            name: {"backbone_type": f"{name}_{shape}" if name != "clip" else f"timmclip_{shape}"} for name in tea_dims
+        },
+        "student": {
+            "backbone": {
+                "backbone_type": "sak",
+                "vit_name": f"vit_{shape}",
+                "down_ratio": 4,
+                "aligner": aligner,
+                "router_type": router_type,
+                "noisy_gating": noisy,
+            }
+        },
         "loss_type": "cos+l1",
-    }  # fmt: skip
+    }
     if stage == 2:
         config["task_dict"] = dict.fromkeys(NYUD_TASKS, 1)
     (tmp_path / "config.yml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -59,8 +77,17 @@ def write_reference_run(tmp_path, shape: str, aligner: bool, stage: int, router_
 
 
 def convert_args(tmp_path, *extra):
-    return ["--original_config", str(tmp_path / "config.yml"), "--checkpoint", str(tmp_path / "checkpoint.pth"),
-            "--output_dir", str(tmp_path / "converted"), "--image_size", *map(str, IMAGE_SIZE), *extra]  # fmt: skip
+    return [
+        "--original_config",
+        str(tmp_path / "config.yml"),
+        "--checkpoint",
+        str(tmp_path / "checkpoint.pth"),
+        "--output_dir",
+        str(tmp_path / "converted"),
+        "--image_size",
+        *map(str, IMAGE_SIZE),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("shape", ["small", "base"])
@@ -164,8 +191,12 @@ def test_push_to_hub_uploads_the_converted_folder(tmp_path, tiny_vit_stems, monk
         huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw))
     )
     monkeypatch.setattr(
-        huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw["repo_id"], sorted(p.name for p in __import__("pathlib").Path(kw["folder_path"]).iterdir())))
-    )  # fmt: skip
+        huggingface_hub.HfApi,
+        "upload_folder",
+        lambda self, **kw: calls.append(
+            ("upload", kw["repo_id"], sorted(p.name for p in __import__("pathlib").Path(kw["folder_path"]).iterdir()))
+        ),
+    )
     main(convert_args(tmp_path, "--push_to_hub", "org/sak-tiny", "--private"))
     assert calls[0] == ("create", "org/sak-tiny", {"private": True, "exist_ok": True})
     assert calls[1][0] == "upload" and {"config.json", "model.safetensors", "modeling_sak.py"} <= set(calls[1][2])
@@ -177,7 +208,10 @@ def test_reference_vit_b_nyud_parameter_count():
     from modeling_sak.convert_original_sak import REFERENCE_STEMS
 
     with torch.device("meta"):
-        config = SAKConfig(stem_config={"model_type": "vit", "layer_norm_eps": 1e-6, **REFERENCE_STEMS["vit_base"]},
-                           teachers=dict.fromkeys(("dinov2", "clip", "sam"), 768), tasks="nyud_v2")  # fmt: skip
+        config = SAKConfig(
+            stem_config={"model_type": "vit", "layer_norm_eps": 1e-6, **REFERENCE_STEMS["vit_base"]},
+            teachers=dict.fromkeys(("dinov2", "clip", "sam"), 768),
+            tasks="nyud_v2",
+        )
         model = SAKForMultiTask(config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 126.40

@@ -146,11 +146,19 @@ def test_stage1_image_stream_skips_a_depth_map_row_and_names_it(tmp_path):
     cells = [{"bytes": png(a), "path": None} for a in [*photos, depth]]
     folder = tmp_path / "data"
     folder.mkdir()
-    Dataset.from_dict({"id": ["a", "b", "c", "depth"], "image": cells}, features=Features(
-        {"id": Value("string"), "image": Image()})).to_parquet(folder / "train-00000-of-00001.parquet")  # fmt: skip
+    Dataset.from_dict(
+        {"id": ["a", "b", "c", "depth"], "image": cells}, features=Features({"id": Value("string"), "image": Image()})
+    ).to_parquet(folder / "train-00000-of-00001.parquet")
     accelerator = SimpleNamespace(process_index=0, num_processes=1)
-    loader = make_loader(recipe(stage=1, image_size=[16, 16], per_device_train_batch_size=4), str(tmp_path), "train",
-                         True, [], accelerator, seed=0)  # fmt: skip
+    loader = make_loader(
+        recipe(stage=1, image_size=[16, 16], per_device_train_batch_size=4),
+        str(tmp_path),
+        "train",
+        True,
+        [],
+        accelerator,
+        seed=0,
+    )
     (batch,) = epoch_batches(loader, epoch=0)
     assert sorted(batch["ids"]) == ["a", "b", "c"] and batch["pixel_values"].shape == (3, 3, 16, 16)
     assert len(batch["skipped"]) == 1 and batch["skipped"][0].startswith("depth:") and "I;16" in batch["skipped"][0]

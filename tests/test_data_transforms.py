@@ -57,8 +57,9 @@ class FixedRng:
 def test_schema_round_trip_is_lossless_for_depth_and_ids():
     ex = example()
     ex["semseg"][0, 0] = 255
-    row = encode_example(ex["id"], ex["image"], semseg=ex["semseg"], depth=ex["depth"], normals=ex["normals"],
-                         edge=ex["edge"])  # fmt: skip
+    row = encode_example(
+        ex["id"], ex["image"], semseg=ex["semseg"], depth=ex["depth"], normals=ex["normals"], edge=ex["edge"]
+    )
     decoded = decode_example(row)
     np.testing.assert_array_equal(decoded["image"], ex["image"])
     np.testing.assert_array_equal(decoded["semseg"], ex["semseg"])

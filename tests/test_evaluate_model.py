@@ -26,9 +26,24 @@ def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch)
     make_toyrooms(tmp_path / "toy", num_train=2, num_test=5, size=(64, 96))
     config = tiny_config(tasks={"semseg": 7, "normals": 3, "edge": 1, "depth": 1})
     SAKForMultiTask(config).eval().save_pretrained(tmp_path / "model")
-    results = main(["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "toy"), "--batch_size", "2",
-                    "--output_dir", str(tmp_path / "eval"), "--save_predictions", "3", "--write_card", "org/tiny",
-                    "--baseline", "nyud_vitb"])  # fmt: skip
+    results = main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--dataset",
+            str(tmp_path / "toy"),
+            "--batch_size",
+            "2",
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--save_predictions",
+            "3",
+            "--write_card",
+            "org/tiny",
+            "--baseline",
+            "nyud_vitb",
+        ]
+    )
     card = (tmp_path / "model" / "README.md").read_text()
     assert "org/tiny" in card and "model-index" in card and "measured with this package" in card
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -41,8 +56,18 @@ def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch)
         assert Image.open(pictures / f"toyrooms-0-1000000_{task}.png").size[0] >= 96, task
     assert Image.open(pictures / "toyrooms-0-1000000_semseg.png").size == (96, 64)  # cropped to the image
     # Batch size does not change pooled metrics.
-    again = main(["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "toy"), "--batch_size", "5",
-                  "--output_dir", str(tmp_path / "eval2")])  # fmt: skip
+    again = main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--dataset",
+            str(tmp_path / "toy"),
+            "--batch_size",
+            "5",
+            "--output_dir",
+            str(tmp_path / "eval2"),
+        ]
+    )
     for task in again:
         for metric, value in results[task].items():
             assert abs(again[task][metric] - value) < 1e-4 * max(1.0, abs(value)), (task, metric)
@@ -54,10 +79,20 @@ def test_two_processes_give_exactly_the_single_process_metrics(tmp_path):
     config = tiny_config(tasks={"semseg": 7, "normals": 3, "edge": 1, "depth": 1})
     SAKForMultiTask(config).eval().save_pretrained(tmp_path / "model")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    args = ["-m", "modeling_sak.evaluate_model", "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "toy"),
-            "--batch_size", "2"]  # fmt: skip
-    launchers = {"one": [sys.executable],
-                 "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"]}  # fmt: skip
+    args = [
+        "-m",
+        "modeling_sak.evaluate_model",
+        "--model",
+        str(tmp_path / "model"),
+        "--dataset",
+        str(tmp_path / "toy"),
+        "--batch_size",
+        "2",
+    ]
+    launchers = {
+        "one": [sys.executable],
+        "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+    }
     metrics = {}
     for name, launcher in launchers.items():
         command = [*launcher, *args, "--output_dir", str(tmp_path / name)]
@@ -110,8 +145,22 @@ def test_save_predictions_leaves_every_parameter_and_buffer_bit_identical_and_dr
 
     monkeypatch.setattr(evaluate_model_module.AutoModel, "from_pretrained", recording_load)
     monkeypatch.setattr(evaluate_model_module, "prediction_grid", recording_draw)
-    main(["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "toy"), "--batch_size", "2",
-          "--boundary", "tolerance", "--output_dir", str(tmp_path / "eval"), "--save_predictions", "3"])  # fmt: skip
+    main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--dataset",
+            str(tmp_path / "toy"),
+            "--batch_size",
+            "2",
+            "--boundary",
+            "tolerance",
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--save_predictions",
+            "3",
+        ]
+    )
 
     after = parameters_and_buffers(seen["model"])
     assert after.keys() == seen["loaded"].keys()
@@ -130,12 +179,20 @@ def test_save_predictions_leaves_every_parameter_and_buffer_bit_identical_and_dr
 def test_evaluate_restores_the_mode_it_found_and_changes_nothing():
     model = model_where_train_mode_shows()
     height, width = TINY_IMAGE_SIZE
-    loader = [{"pixel_values": torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(i)),
-               "labels": nyud_labels(2, height, width, seed=i)} for i in range(2)]  # fmt: skip
+    loader = [
+        {
+            "pixel_values": torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(i)),
+            "labels": nyud_labels(2, height, width, seed=i),
+        }
+        for i in range(2)
+    ]
     accelerator = Accelerator()
     frozen_statistics = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
-    setups = {"eval": lambda: model.eval(), "train": lambda: model.train(),
-              "train, one BatchNorm frozen": lambda: (model.train(), frozen_statistics.eval())}  # fmt: skip
+    setups = {
+        "eval": lambda: model.eval(),
+        "train": lambda: model.train(),
+        "train, one BatchNorm frozen": lambda: (model.train(), frozen_statistics.eval()),
+    }
     results = {}
     for name, setup in setups.items():
         setup()

@@ -129,10 +129,13 @@ def photo_modes(height: int = 6, width: int = 8) -> dict[str, tuple[Image.Image,
     transparent = paletted.copy()
     transparent.info["transparency"] = 0  # a palette PNG's tRNS: index 0 is see-through
     # Pure cyan, pure black ink, no ink, magenta + yellow: PIL's CMYK -> RGB without colour management.
-    cmyk = np.tile(np.array([[[255, 0, 0, 0], [0, 0, 0, 255]], [[0, 0, 0, 0], [0, 255, 255, 0]]], np.uint8),
-                   (height // 2, width // 2, 1))  # fmt: skip
-    cmyk_rgb = np.tile(np.array([[[0, 255, 255], [0, 0, 0]], [[255, 255, 255], [255, 0, 0]]], np.uint8),
-                       (height // 2, width // 2, 1))  # fmt: skip
+    cmyk = np.tile(
+        np.array([[[255, 0, 0, 0], [0, 0, 0, 255]], [[0, 0, 0, 0], [0, 255, 255, 0]]], np.uint8),
+        (height // 2, width // 2, 1),
+    )
+    cmyk_rgb = np.tile(
+        np.array([[[0, 255, 255], [0, 0, 0]], [[255, 255, 255], [255, 0, 0]]], np.uint8), (height // 2, width // 2, 1)
+    )
     neutral = np.full((height, width), 128, np.uint8)  # Cb = Cr = 128: the grey Y
     return {
         "1": (Image.fromarray(bits), np.repeat(bits[..., None].astype(np.uint8) * 255, 3, axis=-1)),
@@ -210,15 +213,21 @@ def test_a_real_nyu_depth_png_is_refused():
 def test_arrays_are_checked_against_the_rescale_convention():
     processor = SAKImageProcessor(do_normalize=False, do_pad=False)
     depth_mm = np.array([[0, 6625], [900, 1200]], np.uint16)
-    with pytest.raises(ValueError, match=r"image 0: uint16 values 0..6625 lie outside 0..255, which do_rescale=True "
-                       r"with rescale_factor=1/255 expects; this looks like a depth or disparity map"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"image 0: uint16 values 0..6625 lie outside 0..255, which do_rescale=True "
+        r"with rescale_factor=1/255 expects; this looks like a depth or disparity map",
+    ):
         processor(depth_mm)
     with pytest.raises(ValueError, match=r"float32 values -2.1..2.6 lie .* normalised image\? Pass do_rescale=False"):
         processor(torch.tensor([[-2.1, 0.0], [1.0, 2.6]]))
     with pytest.raises(ValueError, match=r"float64 values 0..255.5 lie outside 0..255, .*; clip it"):
         processor(np.array([[0.0, 255.5]]))
-    with pytest.raises(ValueError, match=r"uint8 values 4..248 lie outside 0..1, which do_rescale=False expects; "
-                       "for 0..255 photos keep do_rescale=True"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"uint8 values 4..248 lie outside 0..1, which do_rescale=False expects; "
+        "for 0..255 photos keep do_rescale=True",
+    ):
         SAKImageProcessor(do_rescale=False)(rgb(4, 4))
     with pytest.raises(ValueError, match="image 0 has dtype bool"):
         processor(np.ones((4, 4), bool))

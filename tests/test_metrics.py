@@ -119,8 +119,12 @@ def test_saliency_logits_inside_0_1_are_not_mistaken_for_probabilities():
 
 
 def test_delta_m_against_the_papers_single_task_baselines():
-    sak_vitb = {"semseg": {"mIoU": 59.93}, "depth": {"rmse": 0.4942}, "normals": {"mean": 17.60},
-                "edge": {"odsF": 78.60}}  # fmt: skip
+    sak_vitb = {
+        "semseg": {"mIoU": 59.93},
+        "depth": {"rmse": 0.4942},
+        "normals": {"mean": 17.60},
+        "edge": {"odsF": 78.60},
+    }
     assert delta_m(sak_vitb, "nyud_vitb") == pytest.approx(11.11, abs=0.01)  # the paper's +11.11
     assert delta_m(sak_vitb, SINGLE_TASK_BASELINES["nyud_vitb"]) == delta_m(sak_vitb, "nyud_vitb")
     assert math.isnan(delta_m({"sal": {"maxF": 80.0}}, "nyud_vitb"))

@@ -179,9 +179,9 @@ def test_task_head_structure_and_resizing():
     with torch.no_grad():
         out = head(levels, (4, 6), (64, 96))
         maps = [
-            F.interpolate(p(f).transpose(1, 2).reshape(1, 8, 4, 6), size=(16, 24), mode="bilinear") for p, f in
-            zip(head.level_projections, levels)
-        ]  # fmt: skip
+            F.interpolate(p(f).transpose(1, 2).reshape(1, 8, 4, 6), size=(16, 24), mode="bilinear")
+            for p, f in zip(head.level_projections, levels)
+        ]
         x = F.gelu(head.fuse_norm(head.fuse_conv(torch.cat(maps, 1))))
         expected = F.interpolate(head.classifier(x), size=(64, 96), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out, expected)
@@ -191,8 +191,11 @@ def test_loss_is_weighted_tasks_plus_alpha_times_distillation():
     model = make_model(use_aligners=True, teachers={"dinov2": 48, "clip": 32, "sam": 40}, distill_alpha=0.5)
     x = image(2)
     labels = nyud_labels(2, *TINY_IMAGE_SIZE)
-    teachers = {"dinov2": [torch.randn(2, 48, 5, 7)] * 4, "clip": [torch.randn(2, 32, 4, 6)] * 4,
-                "sam": [torch.randn(2, 40, 8, 8)] * 4}  # fmt: skip
+    teachers = {
+        "dinov2": [torch.randn(2, 48, 5, 7)] * 4,
+        "clip": [torch.randn(2, 32, 4, 6)] * 4,
+        "sam": [torch.randn(2, 40, 8, 8)] * 4,
+    }
     out = model(x, labels=labels, teacher_features=teachers)
     weights = model.config.task_loss_weights
     assert set(out.task_losses) == {"semseg", "normals", "edge", "depth"}
@@ -214,15 +217,18 @@ def test_labels_set_to_none_skip_a_task():
 
 def test_training_step_changes_weights_and_gradients_reach_every_module():
     model = make_model(use_aligners=True, teachers={"dinov2": 48, "clip": 32, "sam": 32}).train()
-    teachers = {name: [torch.randn(2, spec["hidden_size"], 4, 6) for _ in range(4)]
-                for name, spec in model.config.teachers.items()}  # fmt: skip
+    teachers = {
+        name: [torch.randn(2, spec["hidden_size"], 4, 6) for _ in range(4)]
+        for name, spec in model.config.teachers.items()
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     out = model(image(2), labels=nyud_labels(2, *TINY_IMAGE_SIZE), teacher_features=teachers)
     out.loss.backward()
     no_grad = [
-        n for n, p in model.named_parameters()
+        n
+        for n, p in model.named_parameters()
         if p.grad is None and not (n.startswith("teacher_paths.") and ".adapters.4." in n)
-    ]  # fmt: skip
+    ]
     assert no_grad == []
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer.step()
@@ -276,8 +282,10 @@ def test_autocast_stays_close_to_float32(dtype):
 def test_training_step_save_and_reload_in_a_fresh_process_through_remote_code(tmp_path):
     """The issue's acceptance test: build, step, save, reload via AutoModel(trust_remote_code) without the package."""
     model = make_model(use_aligners=True, teachers={"dinov2": 48, "clip": 32, "sam": 32}).train()
-    teachers = {name: [torch.randn(2, spec["hidden_size"], 4, 6) for _ in range(4)]
-                for name, spec in model.config.teachers.items()}  # fmt: skip
+    teachers = {
+        name: [torch.randn(2, spec["hidden_size"], 4, 6) for _ in range(4)]
+        for name, spec in model.config.teachers.items()
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(image(2), labels=nyud_labels(2, *TINY_IMAGE_SIZE), teacher_features=teachers).loss.backward()
     optimizer.step()
@@ -373,15 +381,28 @@ def test_bad_input_gives_a_clear_error(call, message):
 
 def _hf_stem(kind: str, path):
     if kind == "vit":
-        config = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                           image_size=[64, 96], patch_size=16, layer_norm_eps=1e-6)  # fmt: skip
+        config = ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=[64, 96],
+            patch_size=16,
+            layer_norm_eps=1e-6,
+        )
         model = ViTModel(config, add_pooling_layer=False)
     elif kind == "dinov2":
         config = Dinov2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=56, patch_size=14)
         model = Dinov2Model(config)
     else:
-        config = Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, image_size=56,
-                                           patch_size=14, num_register_tokens=2)  # fmt: skip
+        config = Dinov2WithRegistersConfig(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            num_register_tokens=2,
+        )
         model = Dinov2WithRegistersModel(config)
     with torch.no_grad():
         for name, p in model.named_parameters():

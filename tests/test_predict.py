@@ -29,8 +29,19 @@ def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_fil
     Image.fromarray(second).save(tmp_path / "office.jpg", quality=95)
     (tmp_path / "broken.png").write_bytes(b"not an image")
 
-    status = main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "out"), "--batch_size", "2",
-                   str(tmp_path / "kitchen.png"), str(tmp_path / "broken.png"), str(tmp_path / "office.jpg")])  # fmt: skip
+    status = main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--batch_size",
+            "2",
+            str(tmp_path / "kitchen.png"),
+            str(tmp_path / "broken.png"),
+            str(tmp_path / "office.jpg"),
+        ]
+    )
     assert status == 1 and "broken.png: cannot read the image (UnidentifiedImageError" in capsys.readouterr().err
     for stem, (height, width) in (("kitchen", (50, 90)), ("office", (70, 60))):
         for task in ("semseg", "normals", "edge", "depth"):
@@ -48,8 +59,22 @@ def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_fil
     expected = palette("semseg", 40)[ids.numpy()]
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "kitchen_semseg.png")), expected)
     # The bfloat16 fast path draws nearly the same classes.
-    assert main(["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "fast"), "--batch_size", "2",
-                 "--bf16", str(tmp_path / "kitchen.png"), str(tmp_path / "office.jpg")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "model"),
+                "--output_dir",
+                str(tmp_path / "fast"),
+                "--batch_size",
+                "2",
+                "--bf16",
+                str(tmp_path / "kitchen.png"),
+                str(tmp_path / "office.jpg"),
+            ]
+        )
+        == 0
+    )
     fast = np.asarray(Image.open(tmp_path / "fast" / "kitchen_semseg.png"))
     assert (fast == expected).all(-1).mean() > 0.9
     depth = np.asarray(Image.open(tmp_path / "out" / "kitchen_depth.png"))
@@ -96,10 +121,24 @@ def test_predict_cli_reads_every_photo_mode_by_the_rules_and_refuses_depth_maps_
         refused[REAL_NYU_DEPTH] = "mode I;16 (16-bit single channel, values 0..6625)"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_sak.predict", "--model", str(tmp_path / "model"), "--device", "cpu",
-         "--output_dir", str(tmp_path / "out"), *map(str, files)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modeling_sak.predict",
+            "--model",
+            str(tmp_path / "model"),
+            "--device",
+            "cpu",
+            "--output_dir",
+            str(tmp_path / "out"),
+            *map(str, files),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[1],
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     for path, description in refused.items():
         assert f"skipped {path}: {description} is not a photo; SAK expects an 8-bit RGB or grayscale photo" in (

@@ -38,8 +38,13 @@ def write_fake_nyud(root, train=("0003", "0007", "0011"), test=("0001", "0005"),
         Image.fromarray(normals).save(root / "normals" / f"{example_id}.png")
         Image.fromarray(edge).save(root / "edge" / f"{example_id}.png")
         np.save(root / "depth" / f"{example_id}.npy", depth)
-        files[example_id] = {"image": image, "segmentation": segmentation, "normals": normals, "edge": edge,
-                             "depth": depth}  # fmt: skip
+        files[example_id] = {
+            "image": image,
+            "segmentation": segmentation,
+            "normals": normals,
+            "edge": edge,
+            "depth": depth,
+        }
     (root / "gt_sets" / "train.txt").write_text("\n".join(train) + "\n")
     (root / "gt_sets" / "val.txt").write_text("\n".join(test) + "\n")
     return files
@@ -49,7 +54,10 @@ def test_nyud_folder_converts_streams_and_batches_with_the_reference_label_value
     files = write_fake_nyud(tmp_path / "NYUD")
     main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out"), "--rows_per_shard", "2"])
     assert sorted(p.name for p in (tmp_path / "out" / "data").iterdir()) == [
-        "test-00000-of-00001.parquet", "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]  # fmt: skip
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00002.parquet",
+        "train-00001-of-00002.parquet",
+    ]
     card = (tmp_path / "out" / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     assert {s["name"]: s["num_examples"] for s in metadata["dataset_info"]["splits"]} == {"train": 3, "test": 2}
@@ -66,12 +74,14 @@ def test_nyud_folder_converts_streams_and_batches_with_the_reference_label_value
     np.testing.assert_array_equal(labels["semseg"][0, rows].numpy(), expected_semseg)
     assert (labels["semseg"][0, :4] == 255).all()
     np.testing.assert_array_equal(labels["depth"][0, 0, rows].numpy(), reference["depth"])  # lossless metres
-    np.testing.assert_allclose(labels["normals"][0, :, rows].numpy(),
-                               reference["normals"].transpose(2, 0, 1) * (2 / 255) - 1, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        labels["normals"][0, :, rows].numpy(), reference["normals"].transpose(2, 0, 1) * (2 / 255) - 1, atol=1e-6
+    )
     np.testing.assert_array_equal(labels["edge"][0, 0, rows].numpy(), reference["edge"] / 255.0)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    np.testing.assert_allclose(batch["pixel_values"][0, :, 4, 0].numpy(), (reference["image"][0, 0] / 255 - mean) / std,
-                               rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        batch["pixel_values"][0, :, 4, 0].numpy(), (reference["image"][0, 0] / 255 - mean) / std, rtol=1e-5
+    )
 
     # The same folder without streaming, and a training stream with augmentation, give model-ready batches.
     train = load_multitask_split(str(tmp_path / "out"), "train", streaming=False, shuffle_buffer=10)
@@ -107,8 +117,11 @@ def test_an_image_that_is_not_a_photo_names_the_file_and_its_mode(tmp_path):
     depth_mm[0, 0], depth_mm[1, 1] = 0, 6625  # a NYU sync depth PNG put among the images
     Image.fromarray(depth_mm).save(tmp_path / "NYUD" / "images" / "0007.png")
     path = tmp_path / "NYUD" / "images" / "0007.png"
-    with pytest.raises(ValueError, match=rf"^0007: {path}: mode I;16 \(16-bit single channel, values 0..6625\) is "
-                       "not a photo; SAK expects an 8-bit RGB or grayscale photo"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^0007: {path}: mode I;16 \(16-bit single channel, values 0..6625\) is "
+        "not a photo; SAK expects an 8-bit RGB or grayscale photo",
+    ):
         main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
     # A photo in another mode is converted by the documented rule: RGBA composited onto white.
     files = write_fake_nyud(tmp_path / "NYUD2")
@@ -195,13 +208,28 @@ def test_bad_rows_are_skipped_and_counted_in_training_and_fatal_in_evaluation(tm
 
 
 def test_each_process_sees_its_own_examples_once(tmp_path):
-    main(["toyrooms", "--output_dir", str(tmp_path / "toy"), "--num_train", "10", "--num_test", "1", "--size", "32", "48",
-          "--rows_per_shard", "3"])  # fmt: skip
+    main(
+        [
+            "toyrooms",
+            "--output_dir",
+            str(tmp_path / "toy"),
+            "--num_train",
+            "10",
+            "--num_test",
+            "1",
+            "--size",
+            "32",
+            "48",
+            "--rows_per_shard",
+            "3",
+        ]
+    )
     seen = []
     for rank in range(2):
         split = load_multitask_split(str(tmp_path / "toy"), "train", streaming=True, shuffle_buffer=4, seed=1)
-        stream = MultiTaskStream(split, MultiTaskTransform(train=False, size=(32, 48)), NYUD_TASKS, train=False,
-                                 rank=rank, world_size=2)  # fmt: skip
+        stream = MultiTaskStream(
+            split, MultiTaskTransform(train=False, size=(32, 48)), NYUD_TASKS, train=False, rank=rank, world_size=2
+        )
         stream.set_epoch(3)
         seen.append([example["id"] for example in stream])
     assert not set(seen[0]) & set(seen[1])
@@ -210,18 +238,30 @@ def test_each_process_sees_its_own_examples_once(tmp_path):
 
 def test_tanganke_nyuv2_layout_through_the_column_mapping(tmp_path):
     rng = np.random.default_rng(0)
-    features = Features({"image": Array3D((3, 8, 12), "float32"), "segmentation": Array2D((8, 12), "int64"),
-                         "depth": Array3D((1, 8, 12), "float32"), "normal": Array3D((3, 8, 12), "float32"),
-                         "id": Value("string")})  # fmt: skip
+    features = Features(
+        {
+            "image": Array3D((3, 8, 12), "float32"),
+            "segmentation": Array2D((8, 12), "int64"),
+            "depth": Array3D((1, 8, 12), "float32"),
+            "normal": Array3D((3, 8, 12), "float32"),
+            "id": Value("string"),
+        }
+    )
     segmentation = rng.integers(-1, 13, (8, 12))
     Dataset.from_dict(
-        {"image": [rng.random((3, 8, 12)).astype(np.float32)], "segmentation": [segmentation],
-         "depth": [rng.random((1, 8, 12)).astype(np.float32) + 1], "normal": [rng.uniform(-1, 1, (3, 8, 12))],
-         "id": ["a"]}, features=features,
-    ).to_parquet(str(tmp_path / "nyuv2" / "train.parquet"))  # fmt: skip
+        {
+            "image": [rng.random((3, 8, 12)).astype(np.float32)],
+            "segmentation": [segmentation],
+            "depth": [rng.random((1, 8, 12)).astype(np.float32) + 1],
+            "normal": [rng.uniform(-1, 1, (3, 8, 12))],
+            "id": ["a"],
+        },
+        features=features,
+    ).to_parquet(str(tmp_path / "nyuv2" / "train.parquet"))
     split = load_dataset("parquet", data_files={"train": str(tmp_path / "nyuv2" / "train.parquet")}, split="train")
-    stream = MultiTaskStream(split, MultiTaskTransform(train=False, size=(8, 12)), NYUD_TASKS, train=False,
-                             dataset_name="tanganke/nyuv2")  # fmt: skip
+    stream = MultiTaskStream(
+        split, MultiTaskTransform(train=False, size=(8, 12)), NYUD_TASKS, train=False, dataset_name="tanganke/nyuv2"
+    )
     batch = stream.collate(list(stream))
     np.testing.assert_array_equal(batch["labels"]["semseg"][0].numpy(), np.where(segmentation < 0, 255, segmentation))
     assert batch["labels"]["edge"] is None and batch["labels"]["normals"].shape == (1, 3, 8, 12)

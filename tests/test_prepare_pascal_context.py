@@ -44,8 +44,17 @@ def part_annotation(objects):
 
 def write_fake_pascal(root, train=("2008_000002", "2008_000003"), test=("2008_000007",), seed=0):
     rng = np.random.default_rng(seed)
-    for folder in ("JPEGImages", "semseg/pascal-context", "semseg/VOC12", "human_parts", "normals_distill",
-                   "sal_distill", "pascal-context/trainval", "json", "ImageSets/Context"):  # fmt: skip
+    for folder in (
+        "JPEGImages",
+        "semseg/pascal-context",
+        "semseg/VOC12",
+        "human_parts",
+        "normals_distill",
+        "sal_distill",
+        "pascal-context/trainval",
+        "json",
+        "ImageSets/Context",
+    ):
         (root / folder).mkdir(parents=True, exist_ok=True)
     (root / "json" / "nyu_classes.json").write_text(json.dumps(NYU_CLASSES))
     (root / "json" / "context_classes.json").write_text(json.dumps(CONTEXT_CLASSES))
@@ -74,9 +83,14 @@ def write_fake_pascal(root, train=("2008_000002", "2008_000003"), test=("2008_00
         Image.fromarray(normals).save(root / "normals_distill" / f"{example_id}.png")
         Image.fromarray(sal).save(root / "sal_distill" / f"{example_id}.png")
         savemat(root / "pascal-context" / "trainval" / f"{example_id}.mat", {"LabelMap": label_map})
-        files[example_id] = {"image": np.asarray(Image.open(root / "JPEGImages" / f"{example_id}.jpg")),
-                             "semseg": semseg, "label_map": label_map, "normals": normals, "sal": sal,
-                             "parts": (head, arm, foot) if n == 0 else None}  # fmt: skip
+        files[example_id] = {
+            "image": np.asarray(Image.open(root / "JPEGImages" / f"{example_id}.jpg")),
+            "semseg": semseg,
+            "label_map": label_map,
+            "normals": normals,
+            "sal": sal,
+            "parts": (head, arm, foot) if n == 0 else None,
+        }
     (root / "ImageSets" / "Context" / "train.txt").write_text("\n".join(train) + "\n")
     (root / "ImageSets" / "Context" / "val.txt").write_text("\n".join(test) + "\n")
     return files
@@ -145,8 +159,9 @@ def test_pascal_folder_converts_streams_and_batches_with_the_reference_label_val
         assert (normals[sky] == 255).all()
         np.testing.assert_allclose(normals[~sky], reference["normals"][~sky] * (2 / 255) - 1, atol=1e-6)
         mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-        np.testing.assert_allclose(batch["pixel_values"][i, :, 3, 5].numpy(),
-                                   (reference["image"][3, 5] / 255 - mean) / std, rtol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            batch["pixel_values"][i, :, 3, 5].numpy(), (reference["image"][3, 5] / 255 - mean) / std, rtol=1e-5
+        )
     head, arm, foot = files["2008_000002"]["parts"]
     expected_parts = np.zeros(SIZE, np.int64)
     expected_parts[head], expected_parts[arm], expected_parts[foot] = 1, 3, 6
@@ -184,8 +199,11 @@ def test_missing_and_bad_pascal_files_are_named(tmp_path):
     (tmp_path / "T" / "JPEGImages" / "2008_000002.jpg").unlink()
     path = tmp_path / "T" / "JPEGImages" / "2008_000002.png"
     Image.fromarray(np.arange(SIZE[0] * SIZE[1], dtype=np.uint16).reshape(SIZE) * 10).save(path)
-    with pytest.raises(ValueError, match=rf"^2008_000002: {path}: mode I;16 \(16-bit single channel, values 0..5590\) "
-                       "is not a photo; SAK expects an 8-bit RGB or grayscale photo"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"^2008_000002: {path}: mode I;16 \(16-bit single channel, values 0..5590\) "
+        "is not a photo; SAK expects an 8-bit RGB or grayscale photo",
+    ):
         main(["pascal_context", "--source", str(tmp_path / "T"), "--output_dir", str(tmp_path / "out")])
 
     write_fake_pascal(tmp_path / "S")

@@ -15,8 +15,9 @@ from modeling_sak.publish import check_folder, main
 
 
 def write_checkpoint(folder):
-    config = tiny_config(teachers={"dinov2": {"hidden_size": 48, "model_id": "facebook/dinov2-base"}, "clip": 32},
-                         use_aligners=True)  # fmt: skip
+    config = tiny_config(
+        teachers={"dinov2": {"hidden_size": 48, "model_id": "facebook/dinov2-base"}, "clip": 32}, use_aligners=True
+    )
     model = SAKForMultiTask(config).eval()
     model.save_pretrained(folder)
     SAKImageProcessor(pad_size=config.image_size).save_pretrained(folder)
@@ -32,8 +33,18 @@ def test_model_card_sections_and_model_index(tmp_path):
     assert metadata["library_name"] == "transformers" and "sak" in metadata["tags"]
     metrics = [m for r in metadata["model-index"][0]["results"] for m in r["metrics"]]
     assert {(m["name"], m["value"]) for m in metrics} == {("mIoU", 41.5), ("RMSE", 0.61), ("mean angular error", 21.0)}
-    for section in ("## Usage", "## Model", "## Training", "## Evaluation", "## Router weights", "## Limitations",
-                    "## Citation", "trust_remote_code=True", "dinov2 (facebook/dinov2-base)", "measured with this package"):  # fmt: skip
+    for section in (
+        "## Usage",
+        "## Model",
+        "## Training",
+        "## Evaluation",
+        "## Router weights",
+        "## Limitations",
+        "## Citation",
+        "trust_remote_code=True",
+        "dinov2 (facebook/dinov2-base)",
+        "measured with this package",
+    ):
         assert section in card
 
 

@@ -26,11 +26,17 @@ def test_specialists_train_save_and_load_as_sak_teachers(tmp_path, monkeypatch):
     assert 0 <= metrics["semantics"]["mIoU"] <= 100 and metrics["semantics"]["chance_mIoU"] > 0
 
     config = SAKConfig(
-        stem_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
-                     "intermediate_size": 64, "patch_size": 8},
+        stem_config={
+            "model_type": "vit",
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "patch_size": 8,
+        },
         image_size=[32, 48],
         teachers={kind: {"hidden_size": 32, "model_id": str(folder)} for kind, folder in folders.items()},
-    )  # fmt: skip
+    )
     features = SAKTeachers.from_config(config)(torch.randn(2, 3, 32, 48))
     assert [tuple(f.shape) for f in features["geometry"]] == [(2, 32, 4, 6)] * 4
 

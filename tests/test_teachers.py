@@ -80,8 +80,17 @@ def build_family(kind: str):
     if kind == "siglip_vision":
         return SiglipVisionModel(SiglipVisionConfig(**TOWER, image_size=32, patch_size=16)), 0
     if kind == "sam":
-        vision = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "mlp_dim": 64, "image_size": 64,
-                  "patch_size": 16, "global_attn_indexes": [1, 3], "window_size": 2, "output_channels": 16}  # fmt: skip
+        vision = {
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "mlp_dim": 64,
+            "image_size": 64,
+            "patch_size": 16,
+            "global_attn_indexes": [1, 3],
+            "window_size": 2,
+            "output_channels": 16,
+        }
         return SamModel(SamConfig(vision_config=vision)), 0
     if kind == "vit":
         return ViTModel(ViTConfig(**TOWER, image_size=32, patch_size=16), add_pooling_layer=False), 1
@@ -178,9 +187,11 @@ def test_renormalisation_is_off_by_default_and_maps_imagenet_to_the_family_stats
 
 
 def committee_config(family_dirs, **overrides):
-    teachers = {"dinov2": {"hidden_size": 32, "model_id": str(family_dirs / "dinov2")},
-                "clip": {"hidden_size": 32, "model_id": str(family_dirs / "clip")},
-                "sam": {"hidden_size": 32, "model_id": str(family_dirs / "sam")}}  # fmt: skip
+    teachers = {
+        "dinov2": {"hidden_size": 32, "model_id": str(family_dirs / "dinov2")},
+        "clip": {"hidden_size": 32, "model_id": str(family_dirs / "clip")},
+        "sam": {"hidden_size": 32, "model_id": str(family_dirs / "sam")},
+    }
     return tiny_config(teachers=teachers, **overrides)
 
 
@@ -362,10 +373,17 @@ def test_transformers_position_option_is_transformers_own_run_time_rule(kind, fa
 
 @pytest.mark.parametrize(
     ("kind", "rule"),
-    [("dinov2", "bicubic_antialias"), ("dinov2_registers", "bicubic_antialias"), ("clip", "bicubic_antialias"),
-     ("vit", "bicubic_antialias"), ("siglip_vision", "bicubic"), ("siglip", "bicubic"), ("deit", "bicubic"),
-     ("sam", None)],
-)  # fmt: skip
+    [
+        ("dinov2", "bicubic_antialias"),
+        ("dinov2_registers", "bicubic_antialias"),
+        ("clip", "bicubic_antialias"),
+        ("vit", "bicubic_antialias"),
+        ("siglip_vision", "bicubic"),
+        ("siglip", "bicubic"),
+        ("deit", "bicubic"),
+        ("sam", None),
+    ],
+)
 def test_default_position_rule_per_family_and_its_arithmetic(kind, rule, family_dirs):
     teacher = load_teacher(kind, str(family_dirs / kind))
     assert teacher.position_interpolation == rule
@@ -375,10 +393,17 @@ def test_default_position_rule_per_family_and_its_arithmetic(kind, rule, family_
     table = getattr(embeddings, "position_embeddings", None)
     table = table.detach() if table is not None else embeddings.position_embedding.weight.detach()[None]
     prefix = build_family(kind)[1] if kind != "dinov2_registers" else 1  # registers carry no position
-    expected_grid = F.interpolate(
-        table[:, prefix:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2), size=(4, 6), mode="bicubic",
-        align_corners=False, antialias=rule == "bicubic_antialias",
-    ).permute(0, 2, 3, 1).reshape(1, 24, -1)  # fmt: skip
+    expected_grid = (
+        F.interpolate(
+            table[:, prefix:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2),
+            size=(4, 6),
+            mode="bicubic",
+            align_corners=False,
+            antialias=rule == "bicubic_antialias",
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(1, 24, -1)
+    )
     resampled = embeddings.interpolate_pos_encoding(None, 64, 96)
     torch.testing.assert_close(resampled, torch.cat([table[:, :prefix], expected_grid], dim=1), rtol=0, atol=0)
     if rule == "bicubic":  # SigLIP (the reference's rule: transformers' own) and other models: their run-time rule
@@ -435,10 +460,17 @@ def test_teachers_saved_with_a_non_square_grid_work_at_their_own_size_and_any_ot
         )
         table = reference.embeddings.position_embeddings.detach()
         positions = 2 if kind == "deit" else 1
-        resized = F.interpolate(
-            table[:, positions:].reshape(1, 2, 3, -1).permute(0, 3, 1, 2), size=grid, mode="bicubic",
-            align_corners=False, antialias=kind != "deit",
-        ).permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1)  # fmt: skip
+        resized = (
+            F.interpolate(
+                table[:, positions:].reshape(1, 2, 3, -1).permute(0, 3, 1, 2),
+                size=grid,
+                mode="bicubic",
+                align_corners=False,
+                antialias=kind != "deit",
+            )
+            .permute(0, 2, 3, 1)
+            .reshape(1, grid[0] * grid[1], -1)
+        )
         expected_table = torch.cat([table[:, :positions], resized], dim=1) if grid != (2, 3) else table
         reference.embeddings.interpolate_pos_encoding = lambda embeddings, h, w, table=expected_table: table
         x = torch.randn(1, 3, *size)
@@ -487,11 +519,13 @@ def test_config_overrides_reach_the_model_and_options_flow_from_the_config(famil
     with pytest.raises(ValueError, match=r"position_interpolation='bilinear' is not one of"):
         load_teacher("clip", str(family_dirs / "clip"), position_interpolation="bilinear")
 
-    specs = teacher_specs({
-        "dinov2": str(family_dirs / "dinov2"),
-        "clip": {"model_id": str(family_dirs / "clip"), "position_interpolation": "bicubic"},
-        "sam": {"model_id": str(family_dirs / "sam"), "config_overrides": {"layer_norm_eps": 1e-5}},
-    })  # fmt: skip
+    specs = teacher_specs(
+        {
+            "dinov2": str(family_dirs / "dinov2"),
+            "clip": {"model_id": str(family_dirs / "clip"), "position_interpolation": "bicubic"},
+            "sam": {"model_id": str(family_dirs / "sam"), "config_overrides": {"layer_norm_eps": 1e-5}},
+        }
+    )
     assert specs["clip"] == {
         "model_id": str(family_dirs / "clip"),
         "position_interpolation": "bicubic",
@@ -510,8 +544,12 @@ def test_config_overrides_reach_the_model_and_options_flow_from_the_config(famil
 
 
 def test_timm_ids_are_recognised_and_need_the_timm_extra(tmp_path, monkeypatch):
-    for model_id in ("timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k", "timm:samvit_base_patch16",
-                     "hf-hub:org/model", "local-dir:/somewhere"):  # fmt: skip
+    for model_id in (
+        "timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+        "timm:samvit_base_patch16",
+        "hf-hub:org/model",
+        "local-dir:/somewhere",
+    ):
         assert is_timm_model_id(model_id)
     (tmp_path / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_dinov2", "num_classes": 0}))
     assert is_timm_model_id(str(tmp_path)) and not is_timm_model_id("facebook/dinov2-base")

@@ -65,8 +65,15 @@ def split_qkv(weight: torch.Tensor, bias: torch.Tensor, names: tuple[str, str, s
 def dinov2_to_transformers(model, image_size) -> Dinov2Model:
     """timm `vit_*_patch14_dinov2` -> transformers `Dinov2Model` (the same weights as facebook/dinov2-*)."""
     state = model.state_dict()
-    config = Dinov2Config(hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks), num_attention_heads=2,
-                          image_size=image_size, patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)  # fmt: skip
+    config = Dinov2Config(
+        hidden_size=model.embed_dim,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        layerscale_value=1.0,
+        layer_norm_eps=1e-6,
+    )
     converted = Dinov2Model(config)
     out = {
         "embeddings.cls_token": state["cls_token"],
@@ -81,8 +88,13 @@ def dinov2_to_transformers(model, image_size) -> Dinov2Model:
         src, dst = f"blocks.{i}.", f"encoder.layer.{i}."
         qkv = split_qkv(state[src + "attn.qkv.weight"], state[src + "attn.qkv.bias"], ("q_proj", "k_proj", "v_proj"))
         out.update({f"{dst}attention.{k}": v for k, v in qkv.items()})
-        renames = {"attn.proj": "attention.o_proj", "norm1": "norm1", "norm2": "norm2", "mlp.fc1": "mlp.fc1",
-                   "mlp.fc2": "mlp.fc2"}  # fmt: skip
+        renames = {
+            "attn.proj": "attention.o_proj",
+            "norm1": "norm1",
+            "norm2": "norm2",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        }
         for old, new in renames.items():
             out[f"{dst}{new}.weight"], out[f"{dst}{new}.bias"] = state[f"{src}{old}.weight"], state[f"{src}{old}.bias"]
         out[f"{dst}layer_scale1.lambda1"] = state[src + "ls1.gamma"]
@@ -95,9 +107,16 @@ def clip_to_transformers(model, image_size: int, hidden_act: str) -> CLIPVisionM
     """timm `vit_*_clip_*` -> transformers `CLIPVisionModel` (the layout of openai/clip-vit-* checkpoints)."""
     state = model.state_dict()
     width = model.embed_dim
-    config = CLIPVisionConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=len(model.blocks),
-                              num_attention_heads=2, image_size=image_size, patch_size=16, hidden_act=hidden_act,
-                              layer_norm_eps=1e-5)  # fmt: skip
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=16,
+        hidden_act=hidden_act,
+        layer_norm_eps=1e-5,
+    )
     converted = CLIPVisionModel(config)
     out = {
         "embeddings.class_embedding": state["cls_token"][0, 0],
@@ -112,8 +131,13 @@ def clip_to_transformers(model, image_size: int, hidden_act: str) -> CLIPVisionM
         src, dst = f"blocks.{i}.", f"encoder.layers.{i}."
         qkv = split_qkv(state[src + "attn.qkv.weight"], state[src + "attn.qkv.bias"], ("q_proj", "k_proj", "v_proj"))
         out.update({f"{dst}self_attn.{k}": v for k, v in qkv.items()})
-        renames = {"attn.proj": "self_attn.out_proj", "norm1": "layer_norm1", "norm2": "layer_norm2",
-                   "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
+        renames = {
+            "attn.proj": "self_attn.out_proj",
+            "norm1": "layer_norm1",
+            "norm2": "layer_norm2",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        }
         for old, new in renames.items():
             out[f"{dst}{new}.weight"], out[f"{dst}{new}.bias"] = state[f"{src}{old}.weight"], state[f"{src}{old}.bias"]
     # transformers 4.x nests the tower under `vision_model.`, 5.x does not
@@ -127,9 +151,18 @@ def sam_to_transformers(model) -> SamVisionModel:
     transformers' SAM configs say."""
     state = model.state_dict()
     width = model.embed_dim
-    config = SamVisionConfig(hidden_size=width, num_hidden_layers=len(model.blocks), num_attention_heads=2,
-                             mlp_dim=4 * width, image_size=SAM_SIZE, patch_size=16, window_size=4,
-                             global_attn_indexes=[1, 3], use_rel_pos=True, output_channels=16)  # fmt: skip
+    config = SamVisionConfig(
+        hidden_size=width,
+        num_hidden_layers=len(model.blocks),
+        num_attention_heads=2,
+        mlp_dim=4 * width,
+        image_size=SAM_SIZE,
+        patch_size=16,
+        window_size=4,
+        global_attn_indexes=[1, 3],
+        use_rel_pos=True,
+        output_channels=16,
+    )
     converted = SamVisionModel(config)
     out = {
         "vision_encoder.pos_embed": state["pos_embed"],
@@ -138,8 +171,14 @@ def sam_to_transformers(model) -> SamVisionModel:
     }
     for i in range(len(model.blocks)):
         src, dst = f"blocks.{i}.", f"vision_encoder.layers.{i}."
-        renames = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj",
-                   "mlp.fc1": "mlp.lin1", "mlp.fc2": "mlp.lin2"}  # fmt: skip
+        renames = {
+            "norm1": "layer_norm1",
+            "norm2": "layer_norm2",
+            "attn.qkv": "attn.qkv",
+            "attn.proj": "attn.proj",
+            "mlp.fc1": "mlp.lin1",
+            "mlp.fc2": "mlp.lin2",
+        }
         for old, new in renames.items():
             out[f"{dst}{new}.weight"], out[f"{dst}{new}.bias"] = state[f"{src}{old}.weight"], state[f"{src}{old}.bias"]
         out[f"{dst}attn.rel_pos_h"], out[f"{dst}attn.rel_pos_w"] = (
@@ -167,8 +206,15 @@ def build(kind: str):
         # converted with the Hub's openai/clip-vit-base-patch16 config (quick_gelu); the option restores timm's GELU
         return model, clip_to_transformers(model, 224, "quick_gelu"), {"config_overrides": {"hidden_act": "gelu"}}
     if kind == "sam":  # samvit_base_patch16 (= facebook/sam-vit-base), tiny and at a small native size
-        model = timm.create_model("samvit_base_patch16", num_classes=0, img_size=SAM_SIZE, window_size=4,
-                                  global_attn_indexes=[1, 3], neck_chans=16, **TINY)  # fmt: skip
+        model = timm.create_model(
+            "samvit_base_patch16",
+            num_classes=0,
+            img_size=SAM_SIZE,
+            window_size=4,
+            global_attn_indexes=[1, 3],
+            neck_chans=16,
+            **TINY,
+        )
         model = randomize(model)
         return model, sam_to_transformers(model), {"config_overrides": {"layer_norm_eps": 1e-5}}
     raise ValueError(kind)
@@ -199,11 +245,13 @@ def reference_targets(folder, size, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
         if sam:
             model.neck = None
-            return model.forward_intermediates(sam_resize_and_pad(x, SAM_SIZE), indices=LEVELS, norm=False,
-                                               intermediates_only=True)  # fmt: skip
+            return model.forward_intermediates(
+                sam_resize_and_pad(x, SAM_SIZE), indices=LEVELS, norm=False, intermediates_only=True
+            )
         model.norm = None
-        return model.forward_intermediates(x, indices=LEVELS, return_prefix_tokens=False, norm=False,
-                                           intermediates_only=True)  # fmt: skip
+        return model.forward_intermediates(
+            x, indices=LEVELS, return_prefix_tokens=False, norm=False, intermediates_only=True
+        )
 
 
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
@@ -270,10 +318,19 @@ def test_timm_committee_from_config_dtypes_fingerprint_and_widths(saved):
     folders = {"dinov2": saved["dinov2"][0], "clip": saved["clip_timm"][0], "sam": saved["sam"][0]}
     specs = teacher_widths({name: str(path) for name, path in folders.items()})
     assert {s["hidden_size"] for s in specs.values()} == {32} and specs["sam"]["num_hidden_layers"] == 4
-    teachers = {name: {"hidden_size": 32, "model_id": str(path), "out_indices": LEVELS}
-                for name, path in folders.items()}  # fmt: skip
-    config = SAKConfig(stem_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 4,
-                                    "num_attention_heads": 2, "intermediate_size": 64}, teachers=teachers)  # fmt: skip
+    teachers = {
+        name: {"hidden_size": 32, "model_id": str(path), "out_indices": LEVELS} for name, path in folders.items()
+    }
+    config = SAKConfig(
+        stem_config={
+            "model_type": "vit",
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        teachers=teachers,
+    )
     x = torch.randn(1, 3, 224, 288)
     fp32 = SAKTeachers.from_config(config)(x)
     assert [tuple(m.shape) for m in fp32["dinov2"]] == [(1, 32, 16, 20)] * 4

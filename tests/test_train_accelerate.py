@@ -33,8 +33,14 @@ def assets(tmp_path_factory):
     teachers = {}
     for name, width in (("geometry", 32), ("semantics", 48)):
         torch.manual_seed(len(name))
-        config = ViTConfig(hidden_size=width, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                           image_size=32, patch_size=8)  # fmt: skip
+        config = ViTConfig(
+            hidden_size=width,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
         ViTModel(config, add_pooling_layer=False).save_pretrained(root / name)
         teachers[name] = str(root / name)
     return {"data": str(root / "toy"), "teachers": json.dumps(teachers), "root": root}
@@ -50,10 +56,34 @@ def run(args: list[str], launcher: list[str] | None = None, check: bool = True) 
 
 
 def tiny_args(assets, output_dir, *extra) -> list[str]:
-    return ["--dataset", assets["data"], "--teachers", assets["teachers"], "--image_size", "32", "48",
-            "--stem", STEM, "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "6",
-            "--baseline", "false", "--warmup_steps", "0", "--learning_rate", "1e-3", "--output_dir", str(output_dir),
-            "--cache_dir", str(output_dir / "cache"), "--stage1_steps", "0", *extra]  # fmt: skip
+    return [
+        "--dataset",
+        assets["data"],
+        "--teachers",
+        assets["teachers"],
+        "--image_size",
+        "32",
+        "48",
+        "--stem",
+        STEM,
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "6",
+        "--baseline",
+        "false",
+        "--warmup_steps",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--output_dir",
+        str(output_dir),
+        "--cache_dir",
+        str(output_dir / "cache"),
+        "--stage1_steps",
+        "0",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -69,7 +99,7 @@ def test_stage2_run_writes_a_remote_code_loadable_model_results_pictures_and_car
             "2",
             "--noisy_gating",
             "false",
-        )  # fmt: skip
+        )
     )
     assert "router weights" in result.stdout and "semseg mIoU" in result.stdout
     assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
@@ -85,8 +115,13 @@ def test_stage2_run_writes_a_remote_code_loadable_model_results_pictures_and_car
         "assert m.config.use_aligners and list(m.config.teachers) == ['geometry', 'semantics']; "
         "print(sorted(m(torch.randn(1, 3, 32, 48)).task_outputs))"
     )
-    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    loaded = subprocess.run(
+        [sys.executable, "-c", check],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert "['depth', 'edge', 'normals', 'semseg']" in loaded.stdout
     assert not any(k.startswith("aligners.") for k in load_file(output / "final" / "model.safetensors"))
@@ -98,8 +133,22 @@ def test_stage1_distillation_run_on_an_image_dataset(assets, tmp_path):
     # A teacher with options (the recipe's mapping form): they reach the student's config.
     teachers = json.loads(assets["teachers"])
     teachers["geometry"] = {"model_id": teachers["geometry"], "position_interpolation": "bicubic"}
-    run(tiny_args(assets, output, "--stage", "1", "--image_size", "[32, 32]", "--max_steps", "3", "--eval_split", "",
-                  "--teachers", json.dumps(teachers)))  # fmt: skip
+    run(
+        tiny_args(
+            assets,
+            output,
+            "--stage",
+            "1",
+            "--image_size",
+            "[32, 32]",
+            "--max_steps",
+            "3",
+            "--eval_split",
+            "",
+            "--teachers",
+            json.dumps(teachers),
+        )
+    )
     config = json.loads((output / "final" / "config.json").read_text())
     assert config["tasks"] == [] and [next(iter(t)) for t in config["teachers"]] == ["geometry", "semantics"]
     assert config["teachers"][0]["geometry"]["position_interpolation"] == "bicubic"
@@ -107,8 +156,20 @@ def test_stage1_distillation_run_on_an_image_dataset(assets, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_parameters(assets, tmp_path):
-    common = ["--max_steps", "6", "--checkpointing_steps", "3", "--eval_split", "", "--checkpoints_total_limit", "5",
-              "--num_workers", "2", "--per_device_train_batch_size", "5"]  # fmt: skip
+    common = [
+        "--max_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--eval_split",
+        "",
+        "--checkpoints_total_limit",
+        "5",
+        "--num_workers",
+        "2",
+        "--per_device_train_batch_size",
+        "5",
+    ]
     run(tiny_args(assets, tmp_path / "straight", *common))
     # A run stopped after step 3 (its later state gone, as after a kill) resumes mid-epoch from checkpoint-3:
     # 24 rows in batches of 5 are 5 batches an epoch, so step 4 is the 4th batch of the first epoch.
@@ -131,8 +192,25 @@ def test_a_run_resumed_from_a_checkpoint_ends_with_the_same_parameters(assets, t
 @pytest.mark.slow
 def test_a_nan_loss_stops_with_the_step_and_term_and_keeps_the_last_checkpoint(assets, tmp_path):
     output = tmp_path / "nan"
-    result = run(tiny_args(assets, output, "--max_steps", "50", "--checkpointing_steps", "1", "--learning_rate", "1e9",
-                           "--lr_scheduler", "constant", "--max_grad_norm", "0", "--eval_split", ""), check=False)  # fmt: skip
+    result = run(
+        tiny_args(
+            assets,
+            output,
+            "--max_steps",
+            "50",
+            "--checkpointing_steps",
+            "1",
+            "--learning_rate",
+            "1e9",
+            "--lr_scheduler",
+            "constant",
+            "--max_grad_norm",
+            "0",
+            "--eval_split",
+            "",
+        ),
+        check=False,
+    )
     assert result.returncode != 0
     assert "FloatingPointError: step" in result.stderr and "non-finite terms" in result.stderr
     checkpoints = sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -161,9 +239,26 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 @pytest.mark.slow
 def test_two_processes_keep_identical_replicas_and_match_one_process(assets, tmp_path):
     # Poly with warm-up, 2 batches accumulated per optimizer step, 2 DataLoader workers per process.
-    common = ["--max_steps", "4", "--eval_split", "", "--noisy_gating", "false", "--verify_replicas", "true",
-              "--lr_scheduler", "poly", "--warmup_steps", "1", "--gradient_accumulation_steps", "2",
-              "--num_workers", "2", "--checkpointing_steps", "2"]  # fmt: skip
+    common = [
+        "--max_steps",
+        "4",
+        "--eval_split",
+        "",
+        "--noisy_gating",
+        "false",
+        "--verify_replicas",
+        "true",
+        "--lr_scheduler",
+        "poly",
+        "--warmup_steps",
+        "1",
+        "--gradient_accumulation_steps",
+        "2",
+        "--num_workers",
+        "2",
+        "--checkpointing_steps",
+        "2",
+    ]
     run(tiny_args(assets, tmp_path / "two", *common, "--per_device_train_batch_size", "2"), launcher=TORCHRUN)
     run(tiny_args(assets, tmp_path / "one", *common, "--per_device_train_batch_size", "4"))
     two = json.loads((tmp_path / "two" / "all_results.json").read_text())
@@ -184,16 +279,35 @@ def test_two_processes_keep_identical_replicas_and_match_one_process(assets, tmp
 
 @pytest.mark.slow
 def test_cosine_warm_up_follows_optimizer_steps_on_two_processes(assets, tmp_path):
-    run(tiny_args(assets, tmp_path / "cos", "--max_steps", "5", "--eval_split", "", "--lr_scheduler", "cosine",
-                  "--warmup_steps", "2", "--gradient_accumulation_steps", "2", "--per_device_train_batch_size", "2",
-                  "--learning_rate", "0.002"), launcher=TORCHRUN)  # fmt: skip
+    run(
+        tiny_args(
+            assets,
+            tmp_path / "cos",
+            "--max_steps",
+            "5",
+            "--eval_split",
+            "",
+            "--lr_scheduler",
+            "cosine",
+            "--warmup_steps",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--learning_rate",
+            "0.002",
+        ),
+        launcher=TORCHRUN,
+    )
     results = json.loads((tmp_path / "cos" / "all_results.json").read_text())
     assert results["lr_history"] == pytest.approx(expected_learning_rates("cosine", 2e-3, 5, 2), rel=1e-12, abs=0)
 
 
 def test_help_explains_every_flag():
-    result = subprocess.run([sys.executable, str(ROOT / "train_accelerate.py"), "--help"], capture_output=True,
-                            text=True, cwd=ROOT)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_accelerate.py"), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0
     from modeling_sak.recipe import Recipe
 
@@ -214,9 +328,16 @@ def test_help_explains_every_flag():
         (["--toyrooms", "num_train=20", "num_test=4"], "toyrooms", {"num_train": 20, "num_test": 4}),
         (["--lora", "r=4", "alpha=8"], "lora", {"r": 4, "alpha": 8}),
         (["--lora", "{r: 4}"], "lora", {"r": 4}),
-        (["--teachers", "dinov2=facebook/dinov2-base", "sam=./sam"], "teachers", {"dinov2": "facebook/dinov2-base",
-                                                                                   "sam": "./sam"}),
-        (["--teachers", '{"clip": "openai/clip-vit-base-patch16"}'], "teachers", {"clip": "openai/clip-vit-base-patch16"}),
+        (
+            ["--teachers", "dinov2=facebook/dinov2-base", "sam=./sam"],
+            "teachers",
+            {"dinov2": "facebook/dinov2-base", "sam": "./sam"},
+        ),
+        (
+            ["--teachers", '{"clip": "openai/clip-vit-base-patch16"}'],
+            "teachers",
+            {"clip": "openai/clip-vit-base-patch16"},
+        ),
         (["--teachers", "none"], "teachers", "none"),
         (["--teachers", "toyrooms_specialists"], "teachers", "toyrooms_specialists"),
         (["--noisy_gating", "false"], "noisy_gating", False),
@@ -226,7 +347,7 @@ def test_help_explains_every_flag():
         (["--learning_rate", "2e-5"], "learning_rate", 2e-5),
         (["--report_to", "tensorboard,wandb"], "report_to", "tensorboard,wandb"),
     ],
-)  # fmt: skip
+)
 def test_every_flag_form_that_help_documents_parses(argv, key, value):
     from train_accelerate import parse_args
 
@@ -303,9 +424,20 @@ def test_a_lora_run_saves_merged_weights_that_reload_with_no_missing_keys_and_th
     pixel_values = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     torch.save(pixel_values, tmp_path / "pixel_values.pt")
     folders = {"stage1": str(output / "stage1" / "final"), "final": str(output / "final")}
-    loaded = subprocess.run([sys.executable, "-c", LOAD_AND_PREDICT, json.dumps(folders), str(tmp_path / "pixel_values.pt"),
-                             str(tmp_path / "outputs.pt")], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})  # fmt: skip
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_AND_PREDICT,
+            json.dumps(folders),
+            str(tmp_path / "pixel_values.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     report = json.loads(loaded.stdout.strip().splitlines()[-1])
     for name in folders:

@@ -103,8 +103,15 @@ class SplitStream(torch.utils.data.IterableDataset):
     `start_at(batch, num_workers)` resumes inside an epoch by skipping rows before they are decoded.
     """
 
-    def __init__(self, dataset, train: bool, rank: int = 0, world_size: int = 1, shuffle_seed: int | None = None,
-                 batch_size: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        dataset,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_seed: int | None = None,
+        batch_size: int = 1,
+    ):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
@@ -171,9 +178,11 @@ class SplitStream(torch.utils.data.IterableDataset):
             if read >= skip:
                 yield read, row
         if read + 1 < skip:
-            logger.warning(f"stream worker {worker}: resuming {skip} rows into epoch {self.epoch}, but its shards hold "
-                           f"only {read + 1} (it ran out before the checkpoint): the batches after the resume point may "
-                           "differ from those of an uninterrupted run")  # fmt: skip
+            logger.warning(
+                f"stream worker {worker}: resuming {skip} rows into epoch {self.epoch}, but its shards hold "
+                f"only {read + 1} (it ran out before the checkpoint): the batches after the resume point may "
+                "differ from those of an uninterrupted run"
+            )
 
 
 class MultiTaskStream(SplitStream):
@@ -249,8 +258,16 @@ class ImageStream(SplitStream):
     384, seed)`), so that augmentation is redrawn every epoch.
     """
 
-    def __init__(self, dataset, make_transform: Callable[[int], Callable], rank: int = 0, world_size: int = 1,
-                 shuffle_seed: int | None = None, batch_size: int = 1, train: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        dataset,
+        make_transform: Callable[[int], Callable],
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_seed: int | None = None,
+        batch_size: int = 1,
+        train: bool = True,
+    ):
         super().__init__(dataset, train, rank, world_size, shuffle_seed, batch_size)
         self.make_transform = make_transform
 

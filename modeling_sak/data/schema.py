@@ -89,8 +89,14 @@ def _open(value: Any) -> PILImage.Image:
 
 
 # The PIL modes each label column may be stored in (see the module table); anything else is another convention.
-LABEL_MODES = {"semseg": ("L", "P"), "human_parts": ("L", "P"), "depth": ("F",), "normals": ("RGB",),
-               "edge": ("L", "1"), "sal": ("L", "1")}  # fmt: skip
+LABEL_MODES = {
+    "semseg": ("L", "P"),
+    "human_parts": ("L", "P"),
+    "depth": ("F",),
+    "normals": ("RGB",),
+    "edge": ("L", "1"),
+    "sal": ("L", "1"),
+}
 
 
 def _open_cell(value: Any, row_id: str, column: str) -> PILImage.Image:

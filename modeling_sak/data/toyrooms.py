@@ -159,8 +159,11 @@ def render(seed: int, index: int, height: int = 96, width: int = 128, return_cam
     _plane(origin, dirs, 0, right_x, (-1, 0, 0), hits, 1, wall_texture)
     picture_u = sorted(rng.uniform(left_x + 0.3, right_x - 0.3, 2))
     picture_v = sorted(rng.uniform(ceiling_y + 0.3, floor_y - 0.5, 2))
-    picture = ((0, 1), (picture_u[0], max(picture_u[1], picture_u[0] + 0.6), picture_v[0],
-                        max(picture_v[1], picture_v[0] + 0.4)), int(rng.integers(0, 5)))  # fmt: skip
+    picture = (
+        (0, 1),
+        (picture_u[0], max(picture_u[1], picture_u[0] + 0.6), picture_v[0], max(picture_v[1], picture_v[0] + 0.4)),
+        int(rng.integers(0, 5)),
+    )
     _plane(origin, dirs, 2, back_z, (0, 0, -1), hits, 1, wall_texture, picture)
 
     for _ in range(int(rng.integers(3, 7))):

@@ -28,8 +28,15 @@ IMAGENET_MEAN = np.array(IMAGENET_DEFAULT_MEAN, dtype=np.float32)
 IMAGENET_STD = np.array(IMAGENET_DEFAULT_STD, dtype=np.float32)
 LABEL_KEYS = ("semseg", "human_parts", "sal", "edge", "normals", "depth")
 # Padding value of each key (DESIGN: image 0 after normalisation, labels 255, normals 0, depth 0).
-PAD_VALUES = {"pixel_values": 0.0, "semseg": IGNORE_INDEX, "human_parts": IGNORE_INDEX, "sal": IGNORE_INDEX,
-              "edge": IGNORE_INDEX, "normals": 0.0, "depth": 0.0}  # fmt: skip
+PAD_VALUES = {
+    "pixel_values": 0.0,
+    "semseg": IGNORE_INDEX,
+    "human_parts": IGNORE_INDEX,
+    "sal": IGNORE_INDEX,
+    "edge": IGNORE_INDEX,
+    "normals": 0.0,
+    "depth": 0.0,
+}
 
 
 def example_rng(seed: int, epoch: int, example_id: str) -> np.random.Generator:

@@ -107,15 +107,17 @@ class DepthMetric:
         # As the reference: predictions clamped at 0, and non-positive ones set to 1e-9.
         pred, gt = prediction[valid].clamp(min=1e-9), label[valid]
         ratio = torch.maximum(pred / gt, gt / pred)
-        increment = torch.stack([
-            valid.sum(),
-            fixed_point_sum((pred - gt) ** 2, "depth squared error"),
-            fixed_point_sum((pred - gt).abs() / gt, "depth relative error"),
-            fixed_point_sum((pred.log() - gt.log()) ** 2, "depth log error"),
-            (ratio < 1.25).sum(),
-            (ratio < 1.25**2).sum(),
-            (ratio < 1.25**3).sum(),
-        ])  # fmt: skip
+        increment = torch.stack(
+            [
+                valid.sum(),
+                fixed_point_sum((pred - gt) ** 2, "depth squared error"),
+                fixed_point_sum((pred - gt).abs() / gt, "depth relative error"),
+                fixed_point_sum((pred.log() - gt.log()) ** 2, "depth log error"),
+                (ratio < 1.25).sum(),
+                (ratio < 1.25**2).sum(),
+                (ratio < 1.25**3).sum(),
+            ]
+        )
         self.sums = _add_checked(self.sums, increment, "depth")
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -130,8 +132,14 @@ class DepthMetric:
             return {k: float("nan") for k in ("rmse", "abs_rel", "log_rmse", "delta1", "delta2", "delta3")}
         s = self.sums.double() / n
         s[1:4] /= 2.0**FIXED_POINT_BITS
-        return {"rmse": math.sqrt(s[1]), "abs_rel": float(s[2]), "log_rmse": math.sqrt(s[3]),
-                "delta1": float(s[4] * 100), "delta2": float(s[5] * 100), "delta3": float(s[6] * 100)}  # fmt: skip
+        return {
+            "rmse": math.sqrt(s[1]),
+            "abs_rel": float(s[2]),
+            "log_rmse": math.sqrt(s[3]),
+            "delta1": float(s[4] * 100),
+            "delta2": float(s[5] * 100),
+            "delta3": float(s[6] * 100),
+        }
 
 
 class NormalsMetric:
@@ -206,9 +214,13 @@ class SaliencyMetric(CountsMetric):
         valid = label != self.ignore_index
         probability, target = probability.cpu()[valid], label[valid].long()
         predicted = probability[None, :] >= self.thresholds[:, None]  # (T, n)
-        self.counts += torch.stack([
-            (predicted & (target[None] == 1)).sum(1), predicted.sum(1), (target == 1).sum().expand(len(predicted)),
-        ])  # fmt: skip
+        self.counts += torch.stack(
+            [
+                (predicted & (target[None] == 1)).sum(1),
+                predicted.sum(1),
+                (target == 1).sum().expand(len(predicted)),
+            ]
+        )
 
     def compute(self) -> dict[str, float]:
         true_positive, predicted, actual = self.counts.double()
@@ -249,10 +261,14 @@ class BoundaryMetric(CountsMetric):
             for k, threshold in enumerate(self.thresholds):
                 pred_edges = (prob >= threshold).numpy() & valid
                 near_pred = distance_transform_edt(~pred_edges) <= radius if pred_edges.any() else np.zeros_like(valid)
-                self.counts[:, k] += torch.tensor([
-                    int((pred_edges & near_gt).sum()), int(pred_edges.sum()),
-                    int((gt_edges & near_pred).sum()), int(gt_edges.sum()),
-                ])  # fmt: skip
+                self.counts[:, k] += torch.tensor(
+                    [
+                        int((pred_edges & near_gt).sum()),
+                        int(pred_edges.sum()),
+                        int((gt_edges & near_pred).sum()),
+                        int(gt_edges.sum()),
+                    ]
+                )
 
     def compute(self) -> dict[str, float]:
         best, _, _, f = best_f_measure(self.counts)

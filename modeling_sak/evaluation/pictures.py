@@ -126,8 +126,13 @@ def prediction_grid(pixel_values, labels, task_outputs, path: str | Path, num_cl
     return path
 
 
-def save_task_pictures(image: np.ndarray | None, predictions: dict[str, torch.Tensor], directory: str | Path, stem: str,
-                       num_classes: dict[str, int] | None = None) -> list[Path]:  # fmt: skip
+def save_task_pictures(
+    image: np.ndarray | None,
+    predictions: dict[str, torch.Tensor],
+    directory: str | Path,
+    stem: str,
+    num_classes: dict[str, int] | None = None,
+) -> list[Path]:
     """Write one PNG per task (`{stem}_{task}.png`: palette ids, depth colour map, normals as RGB, boundary and
     saliency probabilities in grey) and `{stem}_grid.png` (the image, if given, then every task side by side).
 

@@ -16,11 +16,19 @@ MAIN_METRIC = {task: spec.main_metric for task, spec in TASKS.items()}
 LOWER_IS_BETTER = {task: True for task, spec in TASKS.items() if spec.lower_is_better}
 # Single-task baselines reported by the SAK authors (DESIGN section 3), the default reference of Delta_m.
 SINGLE_TASK_BASELINES = {
-    "nyud_vitb": {"semseg": {"mIoU": 51.15}, "depth": {"rmse": 0.5792}, "normals": {"mean": 19.77},
-                  "edge": {"odsF": 77.35}},
-    "nyud_vitl": {"semseg": {"mIoU": 54.19}, "depth": {"rmse": 0.5560}, "normals": {"mean": 19.22},
-                  "edge": {"odsF": 78.09}},
-}  # fmt: skip
+    "nyud_vitb": {
+        "semseg": {"mIoU": 51.15},
+        "depth": {"rmse": 0.5792},
+        "normals": {"mean": 19.77},
+        "edge": {"odsF": 77.35},
+    },
+    "nyud_vitl": {
+        "semseg": {"mIoU": 54.19},
+        "depth": {"rmse": 0.5560},
+        "normals": {"mean": 19.22},
+        "edge": {"odsF": 78.09},
+    },
+}
 
 
 def delta_m(results: dict[str, dict[str, float]], baseline: dict[str, dict[str, float]] | str) -> float:
@@ -50,9 +58,14 @@ BOUNDARY_KINDS = ("bsds", "tolerance")
 BOUNDARY_MAX_DIST = {"nyud_v2": 0.011, "pascal_context": 0.0075}
 
 
-def make_metrics(tasks: dict[str, int], ignore_index: int = IGNORE_INDEX, boundary: str = "bsds",
-                 boundary_max_dist: float | None = None, num_workers: int | None = None,
-                 from_logits: bool = True) -> dict[str, Any]:  # fmt: skip
+def make_metrics(
+    tasks: dict[str, int],
+    ignore_index: int = IGNORE_INDEX,
+    boundary: str = "bsds",
+    boundary_max_dist: float | None = None,
+    num_workers: int | None = None,
+    from_logits: bool = True,
+) -> dict[str, Any]:
     """One accumulator per task. Boundaries: "bsds" (the paper's odsF, SEISM protocol) or "tolerance" (quick);
     maxDist defaults to PASCAL-Context's 0.0075 when the tasks include human_parts or sal, else NYUD's 0.011.
     `from_logits` tells the edge and saliency metrics whether predictions are logits (default, as the model returns

@@ -114,8 +114,10 @@ class SakMultitask(evaluate.Metric):
 
     def add(self, *, prediction=None, reference=None, **kwargs) -> None:
         """Add one example (dicts task -> unbatched tensor or array)."""
-        self.add_batch(predictions={k: _tensor(v)[None] for k, v in prediction.items()},
-                       references={k: _tensor(v)[None] for k, v in reference.items()})  # fmt: skip
+        self.add_batch(
+            predictions={k: _tensor(v)[None] for k, v in prediction.items()},
+            references={k: _tensor(v)[None] for k, v in reference.items()},
+        )
 
     def state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Sufficient statistics per task (sum them across processes)."""
