@@ -162,6 +162,21 @@ def flop_counter():
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
+def timing_result(
+    times: list[float], usage: list[tuple[float, float]], warmup: float, rss_model: float, rss_ready: float
+) -> dict:
+    """The measurements every timed job reports: wall times, CPU/wall and load per run, warm-up and memory."""
+    return {
+        "seconds": times,
+        "cpu_per_wall": [u[0] for u in usage],
+        "load_1min": [u[1] for u in usage],
+        "warmup_seconds": warmup,
+        "rss_after_build_mib": rss_model,
+        "rss_before_timed_runs_mib": rss_ready,
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
@@ -206,15 +221,7 @@ def inference_worker(job: dict) -> dict:
         usage.append(((time.process_time() - cpu) / times[-1], os.getloadavg()[0]))
         if timer:
             components.append(timer.take())
-    result = {
-        "seconds": times,
-        "cpu_per_wall": [u[0] for u in usage],
-        "load_1min": [u[1] for u in usage],
-        "warmup_seconds": warmup,
-        "rss_after_build_mib": rss_model,
-        "rss_before_timed_runs_mib": rss_ready,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    result = timing_result(times, usage, warmup, rss_model, rss_ready)
     if components:
         result["components"] = {k: statistics.median(c[k] for c in components) for k in components[0]}
     if job["outputs"]:
@@ -284,15 +291,7 @@ def training_worker(job: dict) -> dict:
         usage.append(((time.process_time() - cpu) / times[-1], os.getloadavg()[0]))
         parts.append(dict(zip(("teachers", "student_forward", "backward", "optimizer"), marks.tolist())))
         components.append(timer.take())
-    result = {
-        "seconds": times,
-        "cpu_per_wall": [u[0] for u in usage],
-        "load_1min": [u[1] for u in usage],
-        "warmup_seconds": warmup,
-        "rss_after_build_mib": rss_model,
-        "rss_before_timed_runs_mib": rss_ready,
-        "peak_rss_mib": peak_rss_mib(),
-    }
+    result = timing_result(times, usage, warmup, rss_model, rss_ready)
     result["parts"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
     result["student_forward_components"] = {k: statistics.median(c[k] for c in components) for k in components[0]}
     if job["outputs"]:

@@ -12,6 +12,7 @@ the wrong type and choices outside their `Literal` are errors naming the key and
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -24,12 +25,9 @@ import yaml
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
     """A recipe field: its default, its help and how the command line writes it (see `flag_kwargs`)."""
-    factory = (lambda: yaml.safe_load(yaml.safe_dump(default))) if isinstance(default, dict | list) else None
+    factory = (lambda: copy.deepcopy(default)) if isinstance(default, dict | list) else None
     kwargs = {"default_factory": factory} if factory else {"default": default}
     return field(**kwargs, metadata={"help": help, **metadata})
-
-
-PAIR_EXAMPLES = {"image_size": "448 576", "scale_range": "0.5 2.0"}
 
 
 @dataclass
@@ -56,7 +54,9 @@ class Recipe:
         False, "stream the dataset (Hub-scale data) instead of reading it as a local map-style dataset"
     )
     image_size: list[int] = _field(
-        [96, 128], "training resolution H W, e.g. `--image_size 448 576` (the crop size; the stem's position grid)"
+        [96, 128],
+        "training resolution H W, e.g. `--image_size 448 576` (the crop size; the stem's position grid)",
+        example="448 576",
     )
     tasks: dict[str, int] = _field(
         {"semseg": 7, "normals": 3, "edge": 1, "depth": 1},
@@ -99,7 +99,9 @@ class Recipe:
     distill_loss_type: Literal["cos+l1", "cos", "l2"] = _field("cos+l1", "distillation loss")
     photometric: bool = _field(False, "photometric distortion in the training augmentation")
     scale_range: list[float] = _field(
-        [0.75, 1.25], "random scale range of the training augmentation: LOW HIGH, e.g. `--scale_range 0.5 2.0`"
+        [0.75, 1.25],
+        "random scale range of the training augmentation: LOW HIGH, e.g. `--scale_range 0.5 2.0`",
+        example="0.5 2.0",
     )
     toyrooms: dict[str, Any] = _field(
         {"num_train": 2000, "num_test": 200, "seed": 0, "teacher_steps": {"geometry": 800, "semantics": 500}},
@@ -185,7 +187,7 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise ValueError(f"{key}={value!r} must be {' or '.join(kind.__name__ for kind in kinds)}")
     if list in kinds and len(value) != 2:
-        raise ValueError(f"{key}={value!r} must hold two values, e.g. {PAIR_EXAMPLES[key]}")
+        raise ValueError(f"{key}={value!r} must hold two values, e.g. {_example(key)}")
     return value
 
 
@@ -254,16 +256,15 @@ def parse_flag_value(name: str, tokens: list[str]) -> Any:
     """The recipe value of `--name TOKEN ...` for the pair and mapping flags (their help gives both forms)."""
     hint = typing.get_type_hints(Recipe)[name]
     shown = " ".join(tokens)
+    example = f"--{name} {_example(name)}"
     if typing.get_origin(hint) is list:  # a pair: `448 576` or a YAML list `[448, 576]`
         values = yaml.safe_load(tokens[0]) if len(tokens) == 1 else [yaml.safe_load(t) for t in tokens]
         kind = typing.get_args(hint)[0]
-        example = f"--{name} {PAIR_EXAMPLES[name]}"
         if not isinstance(values, list) or len(values) != 2 or not all(isinstance(v, int | float) for v in values):
             raise ValueError(f"--{name} {shown}: expected two numbers, e.g. {example}")
         if kind is int and not all(float(v).is_integer() for v in values):
             raise ValueError(f"--{name} {shown}: expected two integers, e.g. {example}")
         return [kind(v) for v in values]
-    example = f"--{name} {_example(name)}"
     if len(tokens) == 1 and "=" not in tokens[0]:
         value = yaml.safe_load(tokens[0])
         if value is None or str(value).lower() in ("none", "null"):

@@ -140,11 +140,15 @@ class SplitStream(torch.utils.data.IterableDataset):
         the fewer than `num_workers` batches before `batch`, so the order stays that of an uninterrupted epoch).
         """
         if self.streaming:
-            workers = max(1, min(num_workers, self.dataset.num_shards))
+            workers = self._stream_workers(num_workers)
             self.first_batch = batch - batch % workers
         else:
             self.first_batch = batch
         return self.first_batch
+
+    def _stream_workers(self, num_workers: int) -> int:
+        """How many DataLoader workers read a stream: `datasets` stops those beyond its number of shards."""
+        return max(1, min(num_workers, self.dataset.num_shards))
 
     def process_rows(self) -> np.ndarray:
         """Indices of the local split that this process reads in the current epoch, in order."""
@@ -171,7 +175,7 @@ class SplitStream(torch.utils.data.IterableDataset):
                     yield int(index), self.dataset[int(index)]
             return
         # datasets deals whole shards to the workers it can use: whole rounds of batches were read before first_batch.
-        active = max(1, min(workers, self.dataset.num_shards))
+        active = self._stream_workers(workers)
         skip = self.first_batch // active * self.batch_size
         read = -1
         for read, row in enumerate(self.dataset):
