@@ -192,6 +192,7 @@ class SAKConfig(PreTrainedConfig):
             self.stem_config = dict(self.stem_config)
             self.stem_config.setdefault("model_type", "vit")
         self.tasks = _ordered(self.tasks, "tasks")
+        labels_given = self.id2label is not None or kwargs.get("id2label") is not None or "num_labels" in kwargs
         if self.tasks is None or isinstance(self.tasks, str):
             preset_name = self.tasks or "nyud_v2"
             if preset_name not in TASK_PRESETS:
@@ -211,6 +212,8 @@ class SAKConfig(PreTrainedConfig):
         self.image_size = _as_hw(self.image_size, "image_size")
         self.teachers = normalize_teachers(self.teachers)
         self.tasks = dict(self.tasks)
+        if not labels_given and "semseg" in self.tasks:  # one name per class: the segmentation pipeline looks them up
+            self.num_labels = self.tasks["semseg"]
         self.task_loss_weights = {task: 1.0 for task in self.tasks} | dict(self.task_loss_weights or {})
         self.task_loss_types = {
             task: DEFAULT_TASK_LOSS_TYPES[task] for task in self.tasks if task in DEFAULT_TASK_LOSS_TYPES
@@ -253,6 +256,12 @@ class SAKConfig(PreTrainedConfig):
             raise ValueError(f"out_indices={self.out_indices} must be strictly increasing")
         if not isinstance(self.down_ratio, int) or self.down_ratio <= 0 or width // self.down_ratio == 0:
             raise ValueError(f"down_ratio={self.down_ratio!r} must be a positive int at most the stem width {width}")
+        classes = self.tasks.get("semseg")
+        if classes is not None and self.id2label is not None and len(self.id2label) != classes:
+            raise ValueError(
+                f"id2label has {len(self.id2label)} names but tasks['semseg'] has {classes} classes; give one name "
+                "per class (0-based ids) or leave id2label out for LABEL_0 ... names"
+            )
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type={self.router_type!r} is not one of {list(ROUTER_TYPES)}")
         if self.distill_loss_type not in DISTILL_LOSS_TYPES:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from transformers.utils import logging
+from transformers.utils import ModelOutput, TensorType, logging
 
 from .image_io_sak import load_rgb_image as load_rgb_image  # re-exported: `image_processing_sak.load_rgb_image`
 from .image_io_sak import to_rgb_array, value_range
@@ -119,6 +121,11 @@ class SAKImageProcessor(BaseImageProcessor):
     image) raises a `ValueError` with the fix, and float values all within [0, 1] with `do_rescale=True` log the
     transformers "already rescaled" warning. With `do_rescale=False, do_normalize=False` arrays are taken as given.
 
+    As transformers' processors, every option below may also be given to one call (`processor(image, pad_size=...)`,
+    an unknown name raises a `ValueError` naming it), and `return_tensors=None` gives lists of numpy arrays. The
+    `post_process_*` methods take the processor's `content_boxes`, or derive them from `target_sizes` (the original
+    image sizes, what transformers' pipelines pass) by this processor's own padding rule.
+
     Args:
         do_resize (`bool`, *optional*, defaults to `False`): resize every image to `size` first.
         size (`dict`, *optional*): `{"height": int, "width": int}` for `do_resize`.
@@ -176,17 +183,46 @@ class SAKImageProcessor(BaseImageProcessor):
             raise ValueError(f'{name}={size!r} must be {{"height": int, "width": int}} with positive sides')
         return {"height": int(size["height"]), "width": int(size["width"])}
 
-    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+    @classmethod
+    def preprocessing_options(cls) -> tuple[str, ...]:
+        """The options `preprocess` takes per call: the parameters of `__init__`."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in parameters if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+    def _call_options(self, kwargs: dict) -> dict:
+        """This processor's options with the per-call `kwargs` applied, checked as `__init__` checks them."""
+        names = self.preprocessing_options()
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(
+                f"unknown preprocessing options {unknown}; {type(self).__name__} takes {list(names)} (and "
+                "return_tensors)"
+            )
+        options = {name: kwargs[name] if name in kwargs else getattr(self, name) for name in names}
+        if options["size"] is not None:
+            options["size"] = self._check_size(options["size"], "size")
+        if options["do_resize"] and options["size"] is None:
+            raise ValueError('do_resize=True needs size={"height": ..., "width": ...}')
+        options["pad_size"] = self._check_size(options["pad_size"], "pad_size")
+        if options["pad_mode"] not in PAD_MODES:
+            raise ValueError(f"pad_mode={options['pad_mode']!r} is not one of {list(PAD_MODES)}")
+        divisor = options["size_divisor"]
+        if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor <= 0:
+            raise ValueError(f"size_divisor={divisor!r} must be a positive int (the stem's patch size)")
+        return options
+
+    def preprocess(self, images, return_tensors: str | TensorType | None = "pt", **kwargs) -> BatchFeature:
         """Preprocess one image or a list of images.
 
-        Returns a `BatchFeature` with `pixel_values` `(batch_size, 3, height, width)`, `original_sizes` `(batch_size,
-        2)` (height, width of each input) and `content_boxes` `(batch_size, 4)` (top, left, height, width of each
-        image inside the padded canvas), which the `post_process_*` methods use to undo padding and resizing.
+        Every `__init__` option (`do_resize`, `size`, `pad_size`, `pad_mode`, ...) may be overridden for one call;
+        an unknown option raises a `ValueError` naming it. Returns a `BatchFeature` with `pixel_values`
+        `(batch_size, 3, height, width)`, `original_sizes` `(batch_size, 2)` (height, width of each input) and
+        `content_boxes` `(batch_size, 4)` (top, left, height, width of each image inside the padded canvas), which the
+        `post_process_*` methods use to undo padding and resizing. `return_tensors="pt"` (the default) gives torch
+        tensors, `"np"` numpy arrays, and `None` what transformers' PIL-backend processors give: `pixel_values` a list
+        of `(3, height, width)` float32 numpy arrays, the sizes and boxes lists of ints.
         """
-        unknown = sorted(set(kwargs) - set(self.to_dict()))
-        if unknown:
-            raise ValueError(f"unknown preprocessing options {unknown}")
-        options = {**self.to_dict(), **kwargs}
+        options = self._call_options(kwargs)
         if not isinstance(images, list | tuple):
             images = (
                 [images] if not (isinstance(images, torch.Tensor | np.ndarray) and images.ndim == 4) else list(images)
@@ -206,7 +242,8 @@ class SAKImageProcessor(BaseImageProcessor):
             tensor = _to_chw_float(image, index, full_scale, rescale_rule)
             original_sizes.append(tuple(tensor.shape[-2:]))
             if options["do_resize"]:
-                size = self._check_size(options["size"], "size")
+                # Bilinear with antialiasing, as transformers' torchvision backend resizes.
+                size = options["size"]
                 tensor = F.interpolate(
                     tensor[None],
                     size=(size["height"], size["width"]),
@@ -222,23 +259,23 @@ class SAKImageProcessor(BaseImageProcessor):
                 tensor = (tensor - mean) / std
             tensors.append(tensor)
 
-        divisor = options["size_divisor"]
         heights, widths = [t.shape[-2] for t in tensors], [t.shape[-1] for t in tensors]
-        if options["do_pad"]:
-            pad = self._check_size(options["pad_size"], "pad_size")
-            canvas_h = -(-max(max(heights), pad["height"]) // divisor) * divisor
-            canvas_w = -(-max(max(widths), pad["width"]) // divisor) * divisor
-        else:
-            if len(set(heights)) > 1 or len(set(widths)) > 1:
-                raise ValueError("images of different sizes need do_pad=True (or do_resize=True) to form a batch")
-            canvas_h, canvas_w = heights[0], widths[0]
+        if not options["do_pad"] and (len(set(heights)) > 1 or len(set(widths)) > 1):
+            raise ValueError("images of different sizes need do_pad=True (or do_resize=True) to form a batch")
+        canvas_h, canvas_w = _canvas_size(max(heights), max(widths), options)
         pixel_values = torch.zeros(len(tensors), 3, canvas_h, canvas_w)
         boxes = []
         for i, tensor in enumerate(tensors):
-            h, w = tensor.shape[-2:]
-            top, left = ((canvas_h - h) // 2, (canvas_w - w) // 2) if options["pad_mode"] == "center" else (0, 0)
+            top, left, h, w = _content_box(canvas_h, canvas_w, *tensor.shape[-2:], options)
             pixel_values[i, :, top : top + h, left : left + w] = tensor
             boxes.append((top, left, h, w))
+        if return_tensors is None:
+            data = {
+                "pixel_values": list(pixel_values.numpy()),
+                "original_sizes": [list(size) for size in original_sizes],
+                "content_boxes": [list(box) for box in boxes],
+            }
+            return BatchFeature(data=data)
         data = {
             "pixel_values": pixel_values,
             "original_sizes": torch.tensor(original_sizes),
@@ -246,23 +283,62 @@ class SAKImageProcessor(BaseImageProcessor):
         }
         return BatchFeature(data=data, tensor_type=return_tensors)
 
+    def _task_maps(self, outputs, task: str, accepted: str | None = None) -> torch.Tensor:
+        """The `(batch_size, channels, height, width)` map of `task` in `outputs`, whatever form they take."""
+        task_outputs = getattr(outputs, "task_outputs", None)
+        if task_outputs is None and accepted == "logits" and getattr(outputs, "logits", None) is not None:
+            task_outputs = {task: outputs.logits}  # SemanticSegmenterOutput of SAKForSemanticSegmentation
+        if task_outputs is None and accepted == "predicted_depth":
+            if getattr(outputs, "predicted_depth", None) is not None:  # DepthEstimatorOutput of SAKForDepthEstimation
+                task_outputs = {task: outputs.predicted_depth[:, None]}
+        if task_outputs is None and isinstance(outputs, dict) and not isinstance(outputs, ModelOutput):
+            task_outputs = outputs
+        if task_outputs is None:
+            forms = "SAKForMultiTask outputs, a dict task -> (batch_size, channels, height, width) tensor" + {
+                "logits": " or a SemanticSegmenterOutput",
+                "predicted_depth": " or a DepthEstimatorOutput",
+            }.get(accepted, "")
+            raise ValueError(f"cannot read task '{task}' from a {type(outputs).__name__}; give {forms}")
+        if task not in task_outputs:
+            raise ValueError(f"the model outputs have no task '{task}'; they have {list(task_outputs)}")
+        return task_outputs[task]
+
+    def _derived_content_box(self, canvas: tuple[int, int], target_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """Where `preprocess` put an image of `target_size` (its original size) on `canvas`, by this processor's
+        options: the resized size with `do_resize`, placed centred or top-left by `pad_mode` when `do_pad`."""
+        options = self._call_options({})
+        if not options["do_pad"]:
+            return 0, 0, *canvas
+        height, width = (options["size"]["height"], options["size"]["width"]) if options["do_resize"] else target_size
+        if height > canvas[0] or width > canvas[1]:
+            raise ValueError(
+                f"target size {tuple(target_size)} does not fit the {canvas[0]}x{canvas[1]} outputs: without "
+                "content_boxes, target_sizes must be the original image sizes (the processor's `original_sizes`); "
+                "pass content_boxes to crop and resize to other sizes"
+            )
+        return _content_box(*canvas, height, width, options)
+
     def _restore(self, maps: torch.Tensor, index: int, target_sizes, content_boxes) -> torch.Tensor:
         """Crop image `index` out of the padded canvas and resize it to its target size: (C, H, W)."""
         prediction = maps[index : index + 1].float()
+        target = tuple(int(v) for v in target_sizes[index]) if target_sizes is not None else None
         if content_boxes is not None:
-            top, left, height, width = (int(v) for v in content_boxes[index])
+            box = tuple(int(v) for v in content_boxes[index])
+        elif target is not None:
+            box = self._derived_content_box(tuple(prediction.shape[-2:]), target)
+        else:
+            box = None
+        if box is not None:
+            top, left, height, width = box
             prediction = prediction[..., top : top + height, left : left + width]
-        if target_sizes is not None:
-            size = tuple(int(v) for v in target_sizes[index])
-            if tuple(prediction.shape[-2:]) != size:
-                prediction = F.interpolate(prediction, size=size, mode="bilinear", align_corners=False)
+        if target is not None and tuple(prediction.shape[-2:]) != target:
+            prediction = F.interpolate(prediction, size=target, mode="bilinear", align_corners=False)
         return prediction[0]
 
-    def _per_image(self, outputs, task: str, target_sizes, content_boxes) -> list[torch.Tensor]:
-        task_outputs = outputs.task_outputs if hasattr(outputs, "task_outputs") else outputs
-        if task not in task_outputs:
-            raise ValueError(f"the model outputs have no task '{task}'; they have {list(task_outputs)}")
-        maps = task_outputs[task]
+    def _per_image(
+        self, outputs, task: str, target_sizes, content_boxes, accepted: str | None = None
+    ) -> list[torch.Tensor]:
+        maps = self._task_maps(outputs, task, accepted)
         for name, value in (("target_sizes", target_sizes), ("content_boxes", content_boxes)):
             if value is not None and len(value) != maps.shape[0]:
                 raise ValueError(f"{name} has {len(value)} entries for a batch of {maps.shape[0]} images")
@@ -271,14 +347,34 @@ class SAKImageProcessor(BaseImageProcessor):
     def post_process_semantic_segmentation(
         self, outputs, target_sizes=None, content_boxes=None, task: str = "semseg"
     ) -> list[torch.Tensor]:
-        """Class id map `(height, width)` per image (argmax over the logits; also for `human_parts`)."""
-        return [m.argmax(dim=0) for m in self._per_image(outputs, task, target_sizes, content_boxes)]
+        """Class id map `(height, width)` (int64) per image: argmax over the logits (also for `human_parts`).
+
+        Args:
+            outputs: [`SAKForMultiTask`] outputs (or their `task_outputs` dict), or the `SemanticSegmenterOutput` of
+                [`SAKForSemanticSegmentation`].
+            target_sizes (`torch.Tensor` `(batch_size, 2)` or list of `(height, width)`, *optional*): the original
+                image sizes (the processor's `original_sizes`); predictions come back at these sizes. None keeps the
+                padded canvas.
+            content_boxes (`torch.Tensor` `(batch_size, 4)`, *optional*): the processor's `content_boxes` (top, left,
+                height, width). Without them the boxes are derived from `target_sizes` by this processor's padding
+                rule (`pad_mode`, `pad_size`, `size_divisor`, `do_resize`/`size`), which gives the same result for
+                images preprocessed with this processor's own options.
+            task (`str`, *optional*, defaults to `"semseg"`): the task of a multi-task output.
+        """
+        maps = self._per_image(outputs, task, target_sizes, content_boxes, accepted="logits")
+        return [m.argmax(dim=0) for m in maps]
 
     def post_process_depth_estimation(
         self, outputs, target_sizes=None, content_boxes=None, task: str = "depth"
-    ) -> list[torch.Tensor]:
-        """Depth in metres `(height, width)` per image, clamped to >= 0."""
-        return [m[0].clamp(min=0) for m in self._per_image(outputs, task, target_sizes, content_boxes)]
+    ) -> list[dict[str, torch.Tensor]]:
+        """`{"predicted_depth": (height, width)}` per image, as transformers' depth processors: depth in metres,
+        clamped to >= 0. Takes [`SAKForMultiTask`] outputs or the `DepthEstimatorOutput` of
+        [`SAKForDepthEstimation`]; `target_sizes` and `content_boxes` as in `post_process_semantic_segmentation`."""
+        maps = self._per_image(outputs, task, target_sizes, content_boxes, accepted="predicted_depth")
+        return [{"predicted_depth": m[0].clamp(min=0)} for m in maps]
+
+    def _depth_maps(self, *args, **kwargs) -> list[torch.Tensor]:
+        return [result["predicted_depth"] for result in self.post_process_depth_estimation(*args, **kwargs)]
 
     def post_process_surface_normals(
         self, outputs, target_sizes=None, content_boxes=None, task: str = "normals"
@@ -299,24 +395,44 @@ class SAKImageProcessor(BaseImageProcessor):
         return [m.softmax(dim=0)[1] for m in self._per_image(outputs, task, target_sizes, content_boxes)]
 
     def post_process_multi_task(self, outputs, target_sizes=None, content_boxes=None) -> list[dict[str, torch.Tensor]]:
-        """Every task of `outputs`, one dict task -> prediction per image (see the `post_process_*` methods)."""
+        """Every task of `outputs`, one dict task -> tensor per image: class ids `(H, W)`, depth `(H, W)` in metres,
+        unit normals `(3, H, W)`, probabilities `(H, W)` (see the `post_process_*` methods; depth is the tensor of
+        `post_process_depth_estimation`'s `"predicted_depth"`). A task outside the task table keeps its raw map."""
         by_post_processing = {  # the task table's (tasks_sak.TASKS) post-processing names
             "class_ids": self.post_process_semantic_segmentation,
-            "depth": self.post_process_depth_estimation,
+            "depth": self._depth_maps,
             "unit_normals": self.post_process_surface_normals,
             "sigmoid": self.post_process_boundaries,
             "softmax": self.post_process_saliency,
         }
-        task_outputs = outputs.task_outputs if hasattr(outputs, "task_outputs") else outputs
+        task_outputs = getattr(outputs, "task_outputs", None)
+        if task_outputs is None:
+            task_outputs = outputs
         results = {}
         for task in task_outputs:
             if task in TASKS:
                 post_process = by_post_processing[TASKS[task].post_processing]
-                results[task] = post_process(outputs, target_sizes, content_boxes, task=task)
+                results[task] = post_process(task_outputs, target_sizes, content_boxes, task=task)
             else:
-                results[task] = self._per_image(outputs, task, target_sizes, content_boxes)
+                results[task] = self._per_image(task_outputs, task, target_sizes, content_boxes)
         batch = next(iter(task_outputs.values())).shape[0]
         return [{task: values[i] for task, values in results.items()} for i in range(batch)]
+
+
+def _canvas_size(height: int, width: int, options: dict) -> tuple[int, int]:
+    """The padded canvas of a batch whose largest image is `height` x `width` (after resizing): at least
+    `pad_size`, rounded up to a multiple of `size_divisor`; the images' own size without `do_pad`."""
+    if not options["do_pad"]:
+        return height, width
+    divisor, pad = options["size_divisor"], options["pad_size"]
+    return -(-max(height, pad["height"]) // divisor) * divisor, -(-max(width, pad["width"]) // divisor) * divisor
+
+
+def _content_box(canvas_h: int, canvas_w: int, height: int, width: int, options: dict) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a `height` x `width` image on the canvas: centred or top-left by `pad_mode`."""
+    if options["do_pad"] and options["pad_mode"] == "center":
+        return (canvas_h - height) // 2, (canvas_w - width) // 2, height, width
+    return 0, 0, height, width
 
 
 __all__ = ["SAKImageProcessor"]

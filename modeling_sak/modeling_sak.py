@@ -13,12 +13,13 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import DepthEstimatorOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sak import SAKConfig
 from .fast_path_sak import SAKDeployedTaskHead, low_resolution_scale
-from .losses import sak_loss
+from .losses import sak_loss, task_losses_of
 
 
 logger = logging.get_logger(__name__)
@@ -37,6 +38,10 @@ class SAKMultiTaskOutput(ModelOutput):
             Unweighted loss of each task that had labels.
         distill_losses (`dict[str, torch.FloatTensor]`, *optional*):
             Distillation loss per teacher and level, keyed `"{teacher}_level{k}"` (k = 1..num_levels).
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_tokens, hidden_size)`):
+            Output of the last stem block (class token, register tokens, then the patch tokens row by row of the
+            patch grid of `pixel_values` padded to a multiple of the patch size); the stem has no final norm. The
+            first output at inference, so transformers' "image-feature-extraction" pipeline returns it.
         task_outputs (`dict[str, torch.FloatTensor]`):
             Raw head output per task, `(batch_size, num_outputs, height, width)` at the size of `pixel_values`
             (logits for semseg/edge, unnormalised normals, depth in metres).
@@ -55,6 +60,7 @@ class SAKMultiTaskOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     task_losses: dict[str, torch.FloatTensor] | None = None
     distill_losses: dict[str, torch.FloatTensor] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
     task_outputs: dict[str, torch.FloatTensor] | None = None
     router_weights: dict[str, torch.FloatTensor] | None = None
     student_features: dict[str, tuple[torch.FloatTensor, ...]] | None = None
@@ -446,25 +452,9 @@ class SAKForMultiTask(SAKPreTrainedModel):
                 Return the student features compared with the teachers (default: when `teacher_features` is given).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        self._check_pixel_values(pixel_values)
-        height, width = pixel_values.shape[-2:]
-        patch_h, patch_w = self.config.patch_size
-        pad_h, pad_w = (-height) % patch_h, (-width) % patch_w
-        if pad_h or pad_w:
-            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
-        padded_size = (height + pad_h, width + pad_w)
-        grid = (padded_size[0] // patch_h, padded_size[1] // patch_w)
-
-        hidden_states = self.stem(pixel_values)
-        path_features = {name: path(hidden_states) for name, path in self.teacher_paths.items()}
-        prefix = self.config.num_prefix_tokens
-        # Every router and head of a level reads it: the strided slice is copied out once, not once per reader.
-        stem_levels = [hidden_states[block + 1][:, prefix:].contiguous() for block in self.config.out_indices]
-        task_features, router_weights = self._mix_representations(stem_levels, path_features)
-        task_outputs = {
-            task: head(task_features[task], grid, padded_size)[..., :height, :width]
-            for task, head in self.heads.items()
-        }
+        hidden_states, path_features, task_outputs, router_weights, grid = self._predict(
+            pixel_values, list(self.heads)
+        )
         student_features = None
         if teacher_features is not None or output_student_features:
             student_features = self._student_features(path_features, grid)
@@ -479,12 +469,36 @@ class SAKForMultiTask(SAKPreTrainedModel):
             loss=loss,
             task_losses=task_losses,
             distill_losses=distill_losses,
+            last_hidden_state=hidden_states[-1],
             task_outputs=task_outputs,
             router_weights=router_weights,
             student_features=student_features,
             hidden_states=hidden_states if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
+
+    def _predict(self, pixel_values: torch.Tensor, tasks) -> tuple:
+        """Run the stem, the adapter paths, and the routers and heads of `tasks` only: `(stem hidden states, path
+        features, task outputs cropped to the input size, router weights, patch grid)`."""
+        self._check_pixel_values(pixel_values)
+        height, width = pixel_values.shape[-2:]
+        patch_h, patch_w = self.config.patch_size
+        pad_h, pad_w = (-height) % patch_h, (-width) % patch_w
+        if pad_h or pad_w:
+            pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
+        padded_size = (height + pad_h, width + pad_w)
+        grid = (padded_size[0] // patch_h, padded_size[1] // patch_w)
+
+        hidden_states = self.stem(pixel_values)
+        path_features = {name: path(hidden_states) for name, path in self.teacher_paths.items()}
+        prefix = self.config.num_prefix_tokens
+        # Every router and head of a level reads it: the strided slice is copied out once, not once per reader.
+        stem_levels = [hidden_states[block + 1][:, prefix:].contiguous() for block in self.config.out_indices]
+        task_features, router_weights = self._mix_representations(stem_levels, path_features, list(tasks))
+        task_outputs = {
+            task: self.heads[task](task_features[task], grid, padded_size)[..., :height, :width] for task in tasks
+        }
+        return hidden_states, path_features, task_outputs, router_weights, grid
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
@@ -503,20 +517,25 @@ class SAKForMultiTask(SAKPreTrainedModel):
             raise ValueError(f"pixel_values has an empty spatial size {tuple(pixel_values.shape[-2:])}")
 
     def _mix_representations(
-        self, stem_levels: list[torch.Tensor], path_features: dict[str, tuple[torch.Tensor, ...]]
+        self,
+        stem_levels: list[torch.Tensor],
+        path_features: dict[str, tuple[torch.Tensor, ...]],
+        tasks: list[str] | None = None,
     ) -> tuple[dict[str, list[torch.Tensor]], dict[str, torch.Tensor] | None]:
-        """Per task and level: the MoR mixture, the plain sum (router "none"), or the stem feature (no teachers)."""
+        """Per task of `tasks` (default: every task) and level: the MoR mixture, the plain sum (router "none"), or the
+        stem feature (no teachers)."""
+        tasks = list(self.heads) if tasks is None else tasks
         if not path_features:
-            return {task: stem_levels for task in self.heads}, None
+            return {task: stem_levels for task in tasks}, None
         if self.routers is None:
             summed = [
                 level + sum(features[i] for features in path_features.values()) for i, level in enumerate(stem_levels)
             ]
-            return {task: summed for task in self.heads}, None
+            return {task: summed for task in tasks}, None
         task_features, router_weights = {}, {}
-        for task, routers in self.routers.items():
+        for task in tasks:
             mixed, weights = [], []
-            for i, (router, level) in enumerate(zip(routers, stem_levels)):
+            for i, (router, level) in enumerate(zip(self.routers[task], stem_levels)):
                 feature, weight = router(level, [features[i] for features in path_features.values()])
                 mixed.append(feature)
                 weights.append(weight)
@@ -570,9 +589,23 @@ class SAKForMultiTask(SAKPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, include_aligners: bool = False, **kwargs) -> None:
         """Save as a `from_pretrained`-loadable folder. Aligners are training-only and left out unless
-        `include_aligners=True` (e.g. to continue distillation from a stage-1 model)."""
+        `include_aligners=True` (e.g. to continue distillation from a stage-1 model).
+
+        The folder carries the model's code (and `pipeline_sak.py`), and its config names every way to load it with
+        `trust_remote_code=True`: `auto_map` maps `AutoModel` to [`SAKForMultiTask`],
+        `AutoModelForSemanticSegmentation` to [`SAKForSemanticSegmentation`] and `AutoModelForDepthEstimation` to
+        [`SAKForDepthEstimation`] (the "image-segmentation", "depth-estimation" and "image-feature-extraction"
+        pipelines), and `custom_pipelines` names the "sak-multi-task" pipeline ([`SAKMultiTaskPipeline`]).
+        """
+        # transformers copies every file this module imports, even inside a function: pipeline_sak.py travels too.
+        from .pipeline_sak import custom_pipelines
+
         if self.aligners is not None and not include_aligners and kwargs.get("state_dict") is None:
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if not k.startswith("aligners.")}
+        module = type(self).__module__.rsplit(".", 1)[-1]  # "modeling_sak", also for code loaded from a checkpoint
+        auto_map = {auto_class: f"{module}.{name}" for auto_class, name in AUTO_MAP.items()}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
+        self.config.custom_pipelines = custom_pipelines()
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -602,6 +635,120 @@ class SAKForMultiTask(SAKPreTrainedModel):
         logger.info(f"SAK stem initialised from {stem_name_or_path}; adapters, routers and heads are new")
         return model
 
+
+class SAKForSemanticSegmentation(SAKForMultiTask):
+    """The semantic segmentation head of a multi-task SAK, in transformers' form: the same weights as
+    [`SAKForMultiTask`] (a checkpoint of either loads into the other), but `forward` runs only the `semseg` router and
+    head and returns a `SemanticSegmenterOutput`. `AutoModelForSemanticSegmentation` and transformers'
+    "image-segmentation" pipeline load it from any SAK checkpoint with a `semseg` task (`trust_remote_code=True`).
+
+    Raises a `ValueError` for a config without a `semseg` task.
+    """
+
+    task = "semseg"
+
+    def __init__(self, config: SAKConfig):
+        _check_task(type(self).__name__, self.task, config)
+        super().__init__(config)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images (see [`SAKImageProcessor`]), any size.
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                Class ids; `semantic_loss_ignore_index` (255) marks ignored pixels. Adds the task's loss (cross
+                entropy by default, `config.task_loss_types["semseg"]`).
+            output_hidden_states (`bool`, *optional*):
+                Return the stem's embeddings and block outputs.
+
+        Returns `SemanticSegmenterOutput` with `logits` `(batch_size, num_labels, height, width)` at the size of
+        `pixel_values` (not reduced, unlike most segmentation models).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states, _, task_outputs, _, _ = self._predict(pixel_values, [self.task])
+        loss = None
+        if labels is not None:
+            loss = task_losses_of(self.config, task_outputs, {self.task: labels})[self.task]
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=task_outputs[self.task], hidden_states=hidden_states if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class SAKForDepthEstimation(SAKForMultiTask):
+    """The depth head of a multi-task SAK, in transformers' form: the same weights as [`SAKForMultiTask`], but
+    `forward` runs only the `depth` router and head and returns a `DepthEstimatorOutput`.
+    `AutoModelForDepthEstimation` and transformers' "depth-estimation" pipeline load it from any SAK checkpoint with a
+    `depth` task (`trust_remote_code=True`).
+
+    Raises a `ValueError` for a config without a `depth` task.
+    """
+
+    task = "depth"
+
+    def __init__(self, config: SAKConfig):
+        _check_task(type(self).__name__, self.task, config)
+        super().__init__(config)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DepthEstimatorOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+                Normalised images (see [`SAKImageProcessor`]), any size.
+            labels (`torch.FloatTensor` of shape `(batch_size, height, width)`, *optional*):
+                Depth in metres; `semantic_loss_ignore_index` (255) marks pixels without a measurement. Adds the
+                task's loss (L1 by default, `config.task_loss_types["depth"]`).
+            output_hidden_states (`bool`, *optional*):
+                Return the stem's embeddings and block outputs.
+
+        Returns `DepthEstimatorOutput` with `predicted_depth` `(batch_size, height, width)` in metres, at the size of
+        `pixel_values` and not clamped (the image processor's `post_process_depth_estimation` clamps at 0).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states, _, task_outputs, _, _ = self._predict(pixel_values, [self.task])
+        loss = None
+        if labels is not None:
+            labels = labels[:, None] if labels.dim() == 3 else labels
+            loss = task_losses_of(self.config, task_outputs, {self.task: labels})[self.task]
+        output = DepthEstimatorOutput(
+            loss=loss,
+            predicted_depth=task_outputs[self.task][:, 0],
+            hidden_states=hidden_states if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _check_task(class_name: str, task: str, config: SAKConfig) -> None:
+    if task not in config.tasks:
+        tasks = list(config.tasks) or "none (a stage-1, distillation-only student)"
+        raise ValueError(
+            f"{class_name} needs a '{task}' task, but this SAK's tasks are {tasks}; load it with AutoModel "
+            '(SAKForMultiTask), or use the pipeline of one of its tasks ("sak-multi-task" for all of them, '
+            '"image-feature-extraction" for the stem features)'
+        )
+
+
+# Every auto class a SAK checkpoint's config maps (`SAKForMultiTask.save_pretrained`).
+AUTO_MAP = {
+    "AutoModel": "SAKForMultiTask",
+    "AutoModelForSemanticSegmentation": "SAKForSemanticSegmentation",
+    "AutoModelForDepthEstimation": "SAKForDepthEstimation",
+}
 
 _LAYER = r"^(?:encoder\.layer|layers)\.(\d+)\."  # a block of a transformers ViT / DINOv2, 4.x or 5.x names
 _STEM_KEY_RULES = [  # (transformers name pattern, SAK stem name)
@@ -659,4 +806,10 @@ def stem_state_dict_from_transformers(
     return mapped
 
 
-__all__ = ["SAKForMultiTask", "SAKPreTrainedModel", "SAKMultiTaskOutput"]
+__all__ = [
+    "SAKForDepthEstimation",
+    "SAKForMultiTask",
+    "SAKForSemanticSegmentation",
+    "SAKMultiTaskOutput",
+    "SAKPreTrainedModel",
+]

@@ -18,7 +18,8 @@ from modeling_sak import SAKForMultiTask, SAKImageProcessor
 
 PACKAGE = Path(modeling_sak.__file__).parent
 # The files `save_pretrained` copies into a checkpoint: the model's and the processor's modules and every file they
-# reach by single-level relative imports (DESIGN.md section 5). Nothing of teachers, data, evaluation or training.
+# reach by single-level relative imports (DESIGN.md section 5), the "sak-multi-task" pipeline included. Nothing of
+# teachers, data, evaluation or training.
 CARRIED = {
     "configuration_sak.py",
     "modeling_sak.py",
@@ -27,6 +28,7 @@ CARRIED = {
     "image_processing_sak.py",
     "tasks_sak.py",
     "image_io_sak.py",
+    "pipeline_sak.py",
 }
 # The carried files that hold no model code and import no torch (the task table and IGNORE_INDEX; the photo rules):
 # the only files of the model the data package may import.

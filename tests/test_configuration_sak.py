@@ -35,6 +35,18 @@ def test_pascal_context_preset():
     assert config.id2label[0] == "background" and len(config.id2label) == 21
 
 
+def test_id2label_names_every_semseg_class(tmp_path):
+    # The stock image-segmentation pipeline looks every predicted class id up in id2label: a custom class count gets
+    # one LABEL_i per class (not transformers' two defaults), names that survive a save, and a wrong count is refused.
+    config = SAKConfig(teachers={}, tasks={"semseg": 5, "depth": 1})
+    assert config.id2label == {i: f"LABEL_{i}" for i in range(5)} and config.label2id["LABEL_4"] == 4
+    named = SAKConfig(teachers={}, tasks={"semseg": 3}, id2label={0: "floor", 1: "wall", 2: "sofa"})
+    named.save_pretrained(tmp_path)
+    assert SAKConfig.from_pretrained(tmp_path).id2label == {0: "floor", 1: "wall", 2: "sofa"}
+    with pytest.raises(ValueError, match=r"id2label has 2 names but tasks\['semseg'\] has 3 classes"):
+        SAKConfig(teachers={}, tasks={"semseg": 3}, id2label={0: "floor", 1: "wall"})
+
+
 @pytest.mark.parametrize(
     "depth, expected",
     [(12, [2, 5, 8, 11]), (24, [5, 11, 17, 23]), (32, [7, 15, 23, 31]), (40, [9, 19, 29, 39]), (4, [0, 1, 2, 3])],

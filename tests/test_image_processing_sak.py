@@ -254,3 +254,91 @@ def test_already_rescaled_floats_warn_and_alpha_arrays_composite_onto_white():
     grey_alpha = processor(torch.from_numpy(np.stack([colour[..., 0], alpha])))["pixel_values"][0]  # CHW LA
     expected = composite_on_white(np.dstack([colour[..., 0]] * 3), alpha)
     torch.testing.assert_close(grey_alpha, torch.from_numpy(expected).permute(2, 0, 1).float())
+
+
+def test_every_option_can_be_given_per_call_and_unknown_ones_are_named():
+    image = rgb(30, 40)
+    processor = SAKImageProcessor(pad_size=(32, 48))
+    per_call = processor(image, do_resize=True, size={"height": 20, "width": 24}, pad_mode="bottom_right")
+    configured = SAKImageProcessor(do_resize=True, size=(20, 24), pad_size=(32, 48), pad_mode="bottom_right")(image)
+    for key in ("pixel_values", "original_sizes", "content_boxes"):
+        torch.testing.assert_close(per_call[key], configured[key], rtol=0, atol=0)
+    assert per_call["content_boxes"].tolist() == [[0, 0, 20, 24]]
+    assert processor.do_resize is False and processor.size is None  # a call changes nothing of the processor
+    # As in transformers, `size` alone sets the size a resize would use; do_resize stays as configured.
+    assert processor(image, size={"height": 20, "width": 24})["content_boxes"].tolist() == [[1, 4, 30, 40]]
+    assert processor(image, pad_size={"height": 64, "width": 64}, size_divisor=32)["pixel_values"].shape[-2:] == (
+        64,
+        64,
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown preprocessing options \['resample', 'sise'\]; SAKImageProcessor takes"
+    ):
+        processor(image, sise={"height": 20, "width": 24}, resample=2)
+    with pytest.raises(ValueError, match=r'do_resize=True needs size=\{"height": ..., "width": ...\}'):
+        processor(image, do_resize=True)
+    with pytest.raises(ValueError, match="pad_mode='left' is not one of"):
+        processor(image, pad_mode="left")
+    with pytest.raises(ValueError, match="size_divisor=0 must be a positive int"):
+        processor(image, size_divisor=0)
+
+
+def test_return_tensors_none_and_np_give_what_transformers_processors_give():
+    processor = SAKImageProcessor(pad_size=(32, 48))
+    images = [rgb(30, 40), rgb(20, 20, seed=1)]
+    tensors = processor(images, return_tensors="pt")
+    lists = processor(images, return_tensors=None)
+    assert isinstance(lists["pixel_values"], list) and len(lists["pixel_values"]) == 2
+    assert all(isinstance(p, np.ndarray) and p.dtype == np.float32 for p in lists["pixel_values"])
+    np.testing.assert_array_equal(np.stack(lists["pixel_values"]), tensors["pixel_values"].numpy())
+    assert (
+        lists["original_sizes"] == [[30, 40], [20, 20]] and lists["content_boxes"] == tensors["content_boxes"].tolist()
+    )
+    arrays = processor(images, return_tensors="np")
+    assert isinstance(arrays["pixel_values"], np.ndarray) and isinstance(arrays["content_boxes"], np.ndarray)
+    np.testing.assert_array_equal(arrays["pixel_values"], tensors["pixel_values"].numpy())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pad_size": (64, 96)},  # centred: the reference NYUD-v2 padding
+        {"pad_size": (64, 96), "pad_mode": "bottom_right"},
+        {"pad_size": (16, 16), "size_divisor": 32},  # the canvas grows past pad_size to a multiple of 32
+        {"pad_size": (64, 96), "do_resize": True, "size": (40, 56)},
+        {"do_pad": False, "do_resize": True, "size": (40, 56)},
+    ],
+)
+def test_post_processing_without_content_boxes_crops_as_the_processor_padded(options):
+    """target_sizes alone (what transformers' pipelines pass) give the same per-image results as content_boxes,
+    also in a batch whose canvas is set by its largest image."""
+    processor = SAKImageProcessor(**options)
+    images = [rgb(50, 70), rgb(33, 90, seed=1)] if options.get("do_pad", True) else [rgb(50, 70)]
+    inputs = processor(images)
+    generator = torch.Generator().manual_seed(0)
+    canvas = inputs["pixel_values"].shape[-2:]
+    outputs = {
+        "semseg": torch.randn(len(images), 40, *canvas, generator=generator),
+        "depth": torch.randn(len(images), 1, *canvas, generator=generator),
+        "normals": torch.randn(len(images), 3, *canvas, generator=generator),
+        "edge": torch.randn(len(images), 1, *canvas, generator=generator),
+    }
+    derived = processor.post_process_multi_task(outputs, target_sizes=inputs["original_sizes"])
+    boxed = processor.post_process_multi_task(outputs, inputs["original_sizes"], inputs["content_boxes"])
+    for a, b in zip(derived, boxed):
+        for task in outputs:
+            torch.testing.assert_close(a[task], b[task], rtol=0, atol=0)
+    sizes = [tuple(s) for s in inputs["original_sizes"].tolist()]
+    depth = processor.post_process_depth_estimation(outputs, target_sizes=sizes)
+    assert [tuple(r["predicted_depth"].shape) for r in depth] == sizes
+
+
+def test_target_sizes_that_do_not_fit_the_outputs_need_content_boxes():
+    processor = SAKImageProcessor(pad_size=(32, 48))
+    outputs = {"semseg": torch.zeros(1, 3, 32, 48)}
+    with pytest.raises(
+        ValueError, match=r"target size \(64, 96\) does not fit the 32x48 outputs: .*pass content_boxes"
+    ):
+        processor.post_process_semantic_segmentation(outputs, target_sizes=[(64, 96)])
+    upsampled = processor.post_process_semantic_segmentation(outputs, [(64, 96)], content_boxes=[(0, 0, 32, 48)])
+    assert upsampled[0].shape == (64, 96)
