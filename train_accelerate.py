@@ -85,7 +85,7 @@ def train(
 ) -> dict:
     """One training run: the student, its frozen teachers, the loop, a final checkpoint and evaluation."""
     set_seed(recipe.seed)
-    config = build_config(recipe, teacher_specs)
+    config = build_config(recipe, teacher_specs, dataset)
     tasks = list(config.tasks)
     train_loader = make_loader(recipe, dataset, recipe.train_split, True, tasks, accelerator, recipe.seed)
 

@@ -13,26 +13,33 @@ converted, transparency composited onto white); an image that is not an 8-bit ph
 map such as a depth PNG) stops the conversion with an error naming the file and its mode.
 
 The output folder loads with `datasets.load_dataset(output_dir)` (add `streaming=True` to stream it) and with
-`modeling_sak.data.loading.load_multitask_split`. See `modeling_sak.data.schema` for the columns.
+`modeling_sak.data.loading.load_multitask_split`. See `modeling_sak.data.schema` for the columns. Shards hold
+`--rows_per_shard` rows in row groups of at most `--max_row_group_size` uncompressed bytes (default
+`datasets.config.MAX_ROW_GROUP_SIZE`, the bound `datasets` keeps itself, so that reading one row reads little more); the
+semseg class names are written beside them as `id2label.json` (`modeling_sak.data.schema.read_id2label` reads it).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from datasets import config as datasets_config
+from datasets.arrow_writer import ParquetWriter
+from datasets.utils.py_utils import convert_file_size_to_int
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import toyrooms
-from .data.schema import encode_example, features_for
+from .data.schema import ID2LABEL_NAME, encode_example, features_for, write_id2label
 from .image_processing_sak import load_rgb_image
+from .tasks_sak import NYUD_V2_CLASSES, PASCAL_CONTEXT_CLASSES
 
 
 NYUD_SPLITS = {"train": "train.txt", "test": "val.txt"}
@@ -48,33 +55,76 @@ NYUD_PROVENANCE = """- `semseg`: the reference's `segmentation/ID.png` stores cl
 - `normals`, `edge`: `normals/ID.png` and `edge/ID.png` as they are (8-bit)."""
 
 
+def row_group_bytes(size: int | str | None) -> int:
+    """A row-group bound in bytes from an int, a digit string or a size such as "100MB" / "64MiB" (`datasets`' own
+    parser); None gives `datasets.config.MAX_ROW_GROUP_SIZE`."""
+    size = datasets_config.MAX_ROW_GROUP_SIZE if size is None else size
+    try:
+        bound = int(size) if isinstance(size, int) or str(size).isdigit() else convert_file_size_to_int(size)
+    except ValueError:
+        bound = 0
+    if bound <= 0:
+        raise ValueError(f"max_row_group_size={size!r} must be a positive number of bytes or a size such as '100MB'")
+    return bound
+
+
 def write_split(
-    rows: Iterable[dict[str, Any]], columns: list[str], output_dir: Path, split: str, total: int, rows_per_shard: int
+    rows: Iterable[dict[str, Any]],
+    columns: list[str],
+    output_dir: Path,
+    split: str,
+    total: int,
+    rows_per_shard: int,
+    max_row_group_size: int | str | None = None,
 ) -> int:
-    """Encode rows into `data/{split}-XXXXX-of-YYYYY.parquet` shards (each written to a temporary name, then renamed)."""
+    """Encode rows into `data/{split}-XXXXX-of-YYYYY.parquet` shards of `rows_per_shard` rows (each written to a
+    temporary name, then renamed) with `datasets`' `ParquetWriter`; returns the number of rows written.
+
+    Rows are packed, in order, into row groups of at most `max_row_group_size` uncompressed (Arrow) bytes: an int or a
+    size string such as "100MB", by default `datasets.config.MAX_ROW_GROUP_SIZE`. A single row larger than the bound
+    makes a row group of its own.
+    """
     features = features_for(columns)
+    schema = features.arrow_schema
+    bound = row_group_bytes(max_row_group_size)
     shards = max(1, math.ceil(total / rows_per_shard))
     data_dir = output_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    buffer, shard, count = [], 0, 0
+    shard, count, in_shard, writer = 0, 0, 0, None
+    group: list[pa.Table] = []
+    group_bytes = 0
 
-    def flush():
-        nonlocal shard
+    def write_group():
+        nonlocal group_bytes
+        if group:
+            table = pa.concat_tables(group)
+            writer.write_table(table, writer_batch_size=table.num_rows)  # one call, one row group
+            group.clear()
+            group_bytes = 0
+
+    def close_shard():
+        nonlocal shard, in_shard, writer
+        write_group()
+        writer.finalize()
         path = data_dir / f"{split}-{shard:05d}-of-{shards:05d}.parquet"
-        table = pa.Table.from_pylist([features.encode_example(row) for row in buffer], schema=features.arrow_schema)
-        partial = path.with_suffix(".tmp")
-        pq.write_table(table, partial)
-        partial.rename(path)
-        buffer.clear()
-        shard += 1
+        path.with_suffix(".tmp").rename(path)
+        shard, in_shard, writer = shard + 1, 0, None
 
     for row in tqdm(rows, total=total, desc=f"writing {split}", unit="image"):
-        buffer.append(row)
+        if writer is None:
+            partial = data_dir / f"{split}-{shard:05d}-of-{shards:05d}.tmp"
+            writer = ParquetWriter(path=str(partial), features=features)
+        encoded = pa.Table.from_pylist([features.encode_example(row)], schema=schema)
+        if group and group_bytes + encoded.nbytes > bound:
+            write_group()
+        group.append(encoded)
+        group_bytes += encoded.nbytes
         count += 1
-        if len(buffer) == rows_per_shard:
-            flush()
-    if buffer:
-        flush()
+        in_shard += 1
+        if in_shard == rows_per_shard:
+            close_shard()
+    if writer is not None:
+        close_shard()
     return count
 
 
@@ -88,8 +138,10 @@ def write_card(
     license: str = "other",
     repo_id: str | None = None,
     provenance: str | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> None:
-    """README.md from hub_cards/dataset_card.md, with YAML metadata (features, splits, data files)."""
+    """README.md from hub_cards/dataset_card.md, with YAML metadata (features, splits, data files); with
+    `class_names`, also `id2label.json` (the semseg class names, see `modeling_sak.data.schema`) and a class table."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     from .model_card import hub_cards_dir
@@ -133,6 +185,12 @@ def write_card(
         ]
         if c in ("id", "image") or c in columns
     )
+    classes_table = None
+    if class_names:
+        write_id2label(output_dir, class_names)
+        classes_table = "| id | class |\n| ---: | --- |\n" + "\n".join(
+            f"| {i} | {name} |" for i, name in enumerate(class_names)
+        )
     card = DatasetCard.from_template(
         data,
         template_path=str(hub_cards_dir() / "dataset_card.md"),
@@ -141,6 +199,8 @@ def write_card(
         columns_table=columns_table,
         splits=", ".join(f"{split}: {n} image{'s' * (n != 1)}" for split, n in counts.items()),
         provenance=provenance,
+        classes_table=classes_table,
+        id2label_name=ID2LABEL_NAME,
         repo_id=repo_id or output_dir.name,
         citation=citation,
     )
@@ -200,8 +260,11 @@ def _nyud_row(source: Path, example_id: str) -> dict[str, Any]:
     return encode_example(example_id, image, semseg=semseg, normals=normals, edge=edge, depth=depth)
 
 
-def convert_nyud(source: str | Path, output_dir: str | Path, rows_per_shard: int = 200) -> dict[str, int]:
-    """Convert the reference NYUD-v2 folder; every file is checked before anything is written."""
+def convert_nyud(
+    source: str | Path, output_dir: str | Path, rows_per_shard: int = 200, max_row_group_size: int | str | None = None
+) -> dict[str, int]:
+    """Convert the reference NYUD-v2 folder (40 classes, `tasks_sak.NYUD_V2_CLASSES`); every file is checked before
+    anything is written."""
     source, output_dir = Path(source), Path(output_dir)
     if not source.is_dir():
         raise FileNotFoundError(f"NYUD source folder {source} does not exist")
@@ -224,7 +287,7 @@ def convert_nyud(source: str | Path, output_dir: str | Path, rows_per_shard: int
     columns = ["semseg", "depth", "normals", "edge"]
     for split, ids in splits.items():
         rows = (_nyud_row(source, example_id) for example_id in ids)
-        counts[split] = write_split(rows, columns, output_dir, split, len(ids), rows_per_shard)
+        counts[split] = write_split(rows, columns, output_dir, split, len(ids), rows_per_shard, max_row_group_size)
         if counts[split] != len(ids):
             raise RuntimeError(f"{split}: wrote {counts[split]} rows for {len(ids)} ids")
         if counts[split] != NYUD_EXPECTED[split]:
@@ -238,6 +301,7 @@ def convert_nyud(source: str | Path, output_dir: str | Path, rows_per_shard: int
         "converted from the multi-task reference folder layout.",
         NYUD_CITATION,
         provenance=NYUD_PROVENANCE,
+        class_names=NYUD_V2_CLASSES,
     )
     return counts
 
@@ -377,10 +441,24 @@ def _pascal_row(source: Path, example_id: str, valid_classes: set[int], num_clas
 
 
 def convert_pascal_context(
-    source: str | Path, output_dir: str | Path, rows_per_shard: int = 200, num_classes: int = 21
+    source: str | Path,
+    output_dir: str | Path,
+    rows_per_shard: int = 200,
+    num_classes: int = 21,
+    class_names: Sequence[str] | None = None,
+    max_row_group_size: int | str | None = None,
 ) -> dict[str, int]:
-    """Convert the reference PASCAL-Context folder; every file is checked before anything is written."""
+    """Convert the reference PASCAL-Context folder; every file is checked before anything is written.
+
+    `class_names` name the semseg ids 0..num_classes-1 (default: the 21 classes of `tasks_sak.PASCAL_CONTEXT_CLASSES`,
+    so another `num_classes` needs them)."""
     source, output_dir = Path(source), Path(output_dir)
+    class_names = list(class_names or (PASCAL_CONTEXT_CLASSES if num_classes == len(PASCAL_CONTEXT_CLASSES) else []))
+    if len(class_names) != num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but {len(class_names)} class names are given; pass one name per class "
+            "(--class_names FILE: a JSON list, or an id2label JSON object)"
+        )
     if not source.is_dir():
         raise FileNotFoundError(f"PASCAL-Context source folder {source} does not exist")
     splits = {split: _read_ids(source / "ImageSets" / "Context" / name) for split, name in PASCAL_SPLITS.items()}
@@ -396,7 +474,7 @@ def convert_pascal_context(
     columns = ["semseg", "human_parts", "normals", "edge", "sal"]
     for split, ids in splits.items():
         rows = (_pascal_row(source, example_id, valid_classes, num_classes) for example_id in ids)
-        counts[split] = write_split(rows, columns, output_dir, split, len(ids), rows_per_shard)
+        counts[split] = write_split(rows, columns, output_dir, split, len(ids), rows_per_shard, max_row_group_size)
         if counts[split] != len(ids):
             raise RuntimeError(f"{split}: wrote {counts[split]} rows for {len(ids)} ids")
         if counts[split] != PASCAL_EXPECTED[split]:
@@ -413,6 +491,7 @@ def convert_pascal_context(
         "Converted from the multi-task reference folder layout.",
         PASCAL_CITATION,
         provenance=PASCAL_PROVENANCE,
+        class_names=class_names,
     )
     return counts
 
@@ -424,6 +503,7 @@ def make_toyrooms(
     size: tuple[int, int] = (96, 128),
     seed: int = 0,
     rows_per_shard: int = 500,
+    max_row_group_size: int | str | None = None,
 ) -> dict[str, int]:
     """Render ToyRooms train (scenes 0..num_train-1) and test (scenes 10**6..) splits into the schema."""
     output_dir = Path(output_dir)
@@ -434,8 +514,8 @@ def make_toyrooms(
             yield encode_example(scene.pop("id"), scene.pop("image"), **scene)
 
     counts = {
-        "train": write_split(rows(0, num_train), columns, output_dir, "train", num_train, rows_per_shard),
-        "test": write_split(rows(10**6, num_test), columns, output_dir, "test", num_test, rows_per_shard),
+        split: write_split(rows(start, n), columns, output_dir, split, n, rows_per_shard, max_row_group_size)
+        for split, start, n in (("train", 0, num_train), ("test", 10**6, num_test))
     }
     write_card(
         output_dir,
@@ -445,6 +525,7 @@ def make_toyrooms(
         f"Procedurally ray-cast indoor rooms ({size[0]}x{size[1]}, seed {seed}) with exact depth, camera-frame "
         f"normals, {len(toyrooms.CLASSES)} semantic classes ({', '.join(toyrooms.CLASSES)}) and boundaries.",
         license="apache-2.0",
+        class_names=toyrooms.CLASSES,
     )
     return counts
 
@@ -478,6 +559,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pascal-context/trainval/ json/ ImageSets/Context/",
     )
     pascal.add_argument("--num_classes", type=int, default=21, help="semantic classes (ids 0..N-1, 255 ignored)")
+    pascal.add_argument(
+        "--class_names",
+        help="JSON file naming the classes (a list, or an id2label object); needed when --num_classes is not 21",
+    )
     toy = sub.add_parser("toyrooms", help="render ToyRooms")
     toy.add_argument("--num_train", type=int, default=2000, help="training scenes")
     toy.add_argument("--num_test", type=int, default=200, help="test scenes")
@@ -486,20 +571,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for command in (nyud, pascal, toy):
         command.add_argument("--output_dir", required=True, help="folder to write data/*.parquet and README.md into")
         command.add_argument("--rows_per_shard", type=int, default=200, help="rows per parquet shard")
+        command.add_argument(
+            "--max_row_group_size",
+            default=datasets_config.MAX_ROW_GROUP_SIZE,
+            help="largest parquet row group, in uncompressed bytes (e.g. 100MB, the `datasets` default)",
+        )
         command.add_argument("--push_to_hub", metavar="REPO", help="also upload the folder as this dataset repo")
         command.add_argument("--private", action="store_true", help="with --push_to_hub: create a private repo")
     return parser.parse_args(argv)
 
 
+def _read_class_names(path: str) -> list[str]:
+    """Class names from a JSON list or an id2label object (`{"0": "background", ...}`)."""
+    names = json.loads(Path(path).read_text())
+    if isinstance(names, dict):
+        names = [names[key] for key in sorted(names, key=int)]
+    if not isinstance(names, list):
+        raise ValueError(f"{path} must hold a JSON list of class names or an id2label object")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dataset == "nyud":
-        counts = convert_nyud(args.source, args.output_dir, args.rows_per_shard)
+        counts = convert_nyud(args.source, args.output_dir, args.rows_per_shard, args.max_row_group_size)
     elif args.dataset == "pascal_context":
-        counts = convert_pascal_context(args.source, args.output_dir, args.rows_per_shard, args.num_classes)
+        counts = convert_pascal_context(
+            args.source,
+            args.output_dir,
+            args.rows_per_shard,
+            args.num_classes,
+            _read_class_names(args.class_names) if args.class_names else None,
+            args.max_row_group_size,
+        )
     else:
         counts = make_toyrooms(
-            args.output_dir, args.num_train, args.num_test, tuple(args.size), args.seed, args.rows_per_shard
+            args.output_dir,
+            args.num_train,
+            args.num_test,
+            tuple(args.size),
+            args.seed,
+            args.rows_per_shard,
+            args.max_row_group_size,
         )
     print(f"wrote {', '.join(f'{s}: {n}' for s, n in counts.items())} to {args.output_dir}")
     if args.push_to_hub:

@@ -2,8 +2,10 @@
 
     python -m modeling_sak.publish --checkpoint DIR --repo_id ORG/NAME [--private] [--revision BRANCH]
 
-Checks: config.json (a SAK config with auto_map), model.safetensors, every code file auto_map names and its relative
-imports, preprocessor_config.json, README.md. Then the folder is loaded in a fresh Python process with
+Checks: config.json (a SAK config with auto_map), the weights (`model.safetensors`, or the
+`model.safetensors.index.json` + `model-0000x-of-0000y.safetensors` shards that `save_pretrained(max_shard_size=...)`
+writes: every shard the index names must exist and hold the tensors the index puts in it), every code file auto_map
+names and its relative imports, preprocessor_config.json, README.md. Then the folder is loaded in a fresh Python process with
 `AutoModel.from_pretrained(..., trust_remote_code=True)` (the package itself made unimportable) and runs one forward
 pass. Only then `create_repo` + `upload_folder` run.
 """
@@ -19,13 +21,50 @@ import textwrap
 from pathlib import Path
 
 
-REQUIRED = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+def weight_problems(folder: Path) -> list[str]:
+    """What is wrong with a folder's safetensors weights: one `model.safetensors`, or a sharded checkpoint whose
+    `model.safetensors.index.json` (transformers' `SAFE_WEIGHTS_INDEX_NAME`) maps every tensor to a shard that exists
+    and holds it (only the shards' headers are read)."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    index_path = folder / SAFE_WEIGHTS_INDEX_NAME
+    if not index_path.is_file():
+        if (folder / SAFE_WEIGHTS_NAME).is_file():
+            return []
+        return [f"missing {SAFE_WEIGHTS_NAME} (or the {SAFE_WEIGHTS_INDEX_NAME} of a sharded checkpoint)"]
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        return [f"{SAFE_WEIGHTS_INDEX_NAME} has no readable weight_map ({type(error).__name__}: {error})"]
+    if not weight_map:
+        return [f"{SAFE_WEIGHTS_INDEX_NAME} names no tensors"]
+    problems = []
+    for shard in sorted(set(weight_map.values())):
+        path = folder / shard
+        if not path.is_file():
+            problems.append(f"missing shard {shard} (named by {SAFE_WEIGHTS_INDEX_NAME})")
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                stored = set(handle.keys())
+        except Exception as error:  # truncated or not a safetensors file
+            problems.append(f"shard {shard} is unreadable ({type(error).__name__}: {error})")
+            continue
+        absent = sorted(name for name, where in weight_map.items() if where == shard and name not in stored)
+        if absent:
+            problems.append(f"shard {shard} lacks {len(absent)} tensors the index puts in it: {absent[:5]}")
+    return problems
 
 
 def check_folder(folder: str | Path) -> None:
     """Raise ValueError naming every problem of a checkpoint folder."""
     folder = Path(folder)
-    problems = [f"missing {name}" for name in REQUIRED if not (folder / name).is_file()]
+    problems = [] if (folder / "config.json").is_file() else ["missing config.json"]
+    problems += weight_problems(folder)
+    problems += [
+        f"missing {name}" for name in ("preprocessor_config.json", "README.md") if not (folder / name).is_file()
+    ]
     if (folder / "config.json").is_file():
         try:
             config = json.loads((folder / "config.json").read_text())

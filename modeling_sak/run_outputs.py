@@ -91,6 +91,8 @@ def write_run_outputs(
         recipe.to_dict() | {"parameters": f"{parameters / 1e6:.2f}M"},
         recipe.dataset,
         "router_weights.png" if router_picture else None,
+        base_model=[recipe.init_from, recipe.stem_model],
+        dataset_split=recipe.eval_split or None,
     )
     card.save(final / "README.md")
     return final

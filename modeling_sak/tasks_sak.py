@@ -28,7 +28,8 @@ class TaskSpec:
         main_metric: the metric Delta_m and the results tables mark (a key of the task's metric).
         lower_is_better: the direction of `main_metric` (the sign of its Delta_m term).
         metric_name: how a model card names `main_metric`.
-        hub_task_type: the Hub task type of the task's model-index entry.
+        hub_task_type: `task.type` of the task's model-index entry (one entry per task): the Hub pipeline task where
+            one fits (image-segmentation, depth-estimation), otherwise the task's Papers-with-Code style name.
     """
 
     loss: str
@@ -55,7 +56,7 @@ TASKS: dict[str, TaskSpec] = {
         main_metric="mIoU",
         lower_is_better=False,
         metric_name="mIoU",
-        hub_task_type="image-segmentation",
+        hub_task_type="human-part-segmentation",
     ),
     "depth": TaskSpec(
         loss="l1",
@@ -71,7 +72,7 @@ TASKS: dict[str, TaskSpec] = {
         main_metric="mean",
         lower_is_better=True,
         metric_name="mean angular error",
-        hub_task_type="depth-estimation",
+        hub_task_type="surface-normal-estimation",
     ),
     "edge": TaskSpec(
         loss="balanced_bce",
@@ -79,7 +80,7 @@ TASKS: dict[str, TaskSpec] = {
         main_metric="odsF",
         lower_is_better=False,
         metric_name="boundary odsF",
-        hub_task_type="image-segmentation",
+        hub_task_type="boundary-detection",
     ),
     "sal": TaskSpec(
         loss="balanced_cross_entropy",
@@ -87,7 +88,7 @@ TASKS: dict[str, TaskSpec] = {
         main_metric="maxF",
         lower_is_better=False,
         metric_name="maxF",
-        hub_task_type="image-segmentation",
+        hub_task_type="saliency-detection",
     ),
 }
 

@@ -18,6 +18,7 @@ from transformers.utils import logging
 
 from .configuration_sak import SAKConfig
 from .data.loading import COLUMN_MAPPINGS, ImageStream, MultiTaskStream, load_multitask_split, task_columns
+from .data.schema import read_id2label
 from .data.transforms import MultiTaskTransform, stage1_transform
 from .modeling_sak import SAKForMultiTask, resize_position_embeddings
 from .recipe import Recipe
@@ -107,15 +108,16 @@ def make_loader(recipe: Recipe, dataset: str, split: str, train: bool, tasks: li
     )
 
 
-def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]]) -> SAKConfig:
+def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]], dataset: str | None = None) -> SAKConfig:
     """The student's `SAKConfig` from a recipe and resolved teacher specs (`teachers.student_config`: aligners where a
-    teacher's width differs from the stem's)."""
+    teacher's width differs from the stem's); its semseg classes are named by the `dataset` (local folder or Hub id)
+    when it ships `id2label.json` (see `label_names_from_data`)."""
     from transformers import AutoConfig
 
     from .teachers import student_config
 
     stem = AutoConfig.from_pretrained(recipe.stem_model) if recipe.stem_model else recipe.stem
-    return student_config(
+    config = student_config(
         stem,
         teachers,
         image_size=recipe.image_size,
@@ -127,6 +129,30 @@ def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]]) -> SAKConf
         distill_alpha=recipe.distill_alpha,
         distill_loss_type=recipe.distill_loss_type,
     )
+    return label_names_from_data(config, dataset) if dataset else config
+
+
+def label_names_from_data(config: SAKConfig, dataset: str) -> SAKConfig:
+    """Name the semseg classes of `config` (`id2label`, used by the saved model's image-segmentation pipeline) by the
+    `id2label.json` the dataset ships (`prepare_dataset` writes it); kept as they are when the dataset has none, or
+    names another number of classes, or the file cannot be read (a warning says why)."""
+    if "semseg" not in config.tasks:
+        return config
+    try:
+        names = read_id2label(dataset)
+    except Exception as error:  # offline without a cached copy, unreadable file: the names are optional
+        logger.warning(f"semseg class names of {dataset!r} not read ({type(error).__name__}: {error})")
+        return config
+    if names is None:
+        return config
+    if len(names) != config.tasks["semseg"]:
+        logger.warning(
+            f"{dataset!r} names {len(names)} semseg classes but the model has {config.tasks['semseg']}; "
+            "the class names are left as they are"
+        )
+        return config
+    config.id2label, config.label2id = names, {name: index for index, name in names.items()}
+    return config
 
 
 def build_model(config: SAKConfig, recipe: Recipe) -> SAKForMultiTask:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -13,9 +14,12 @@ import yaml
 from datasets import Array2D, Array3D, Dataset, Features, Value, load_dataset
 from PIL import Image
 
+from modeling_sak.data import toyrooms
 from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
+from modeling_sak.data.schema import decode_example, read_id2label
 from modeling_sak.data.transforms import MultiTaskTransform
-from modeling_sak.prepare_dataset import main
+from modeling_sak.prepare_dataset import main, make_toyrooms
+from modeling_sak.tasks_sak import NYUD_V2_CLASSES
 
 
 NYUD_TASKS = ["semseg", "normals", "edge", "depth"]
@@ -62,6 +66,8 @@ def test_nyud_folder_converts_streams_and_batches_with_the_reference_label_value
     metadata = yaml.safe_load(card.split("---")[1])
     assert {s["name"]: s["num_examples"] for s in metadata["dataset_info"]["splits"]} == {"train": 3, "test": 2}
     assert "silberman2012indoor" in card
+    # The class names ship with the data (id2label.json, also tabled in the card) ...
+    assert read_id2label(tmp_path / "out") == dict(enumerate(NYUD_V2_CLASSES)) and "| 39 | otherprop |" in card
 
     stream = load_multitask_split(str(tmp_path / "out"), "test", streaming=True)
     eval_stream = MultiTaskStream(stream, MultiTaskTransform(train=False, size=(32, 32)), NYUD_TASKS, train=False)
@@ -265,3 +271,93 @@ def test_tanganke_nyuv2_layout_through_the_column_mapping(tmp_path):
     batch = stream.collate(list(stream))
     np.testing.assert_array_equal(batch["labels"]["semseg"][0].numpy(), np.where(segmentation < 0, 255, segmentation))
     assert batch["labels"]["edge"] is None and batch["labels"]["normals"].shape == (1, 3, 8, 12)
+
+
+def row_group_sizes(path) -> list[tuple[int, int]]:
+    """(rows, uncompressed Arrow bytes) of every row group of a parquet file."""
+    parquet = pq.ParquetFile(path)
+    return [(group.num_rows, group.nbytes) for group in map(parquet.read_row_group, range(parquet.num_row_groups))]
+
+
+def test_row_groups_are_bounded_in_bytes_and_every_row_reads_back_identical(tmp_path):
+    size, bound = (24, 32), 12_000  # a ToyRooms row of 24 x 32 is about 6 kB: two rows a group
+    make_toyrooms(tmp_path / "small", num_train=9, num_test=1, size=size, rows_per_shard=5, max_row_group_size=bound)
+    make_toyrooms(tmp_path / "whole", num_train=9, num_test=1, size=size, rows_per_shard=5)  # default: 100MB
+    shards = sorted((tmp_path / "small" / "data").glob("train-*.parquet"))
+    assert [p.name for p in shards] == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
+    for shard in shards:
+        groups = row_group_sizes(shard)
+        whole = pq.read_table(tmp_path / "whole" / "data" / shard.name)
+        assert row_group_sizes(tmp_path / "whole" / "data" / shard.name) == [(whole.num_rows, whole.nbytes)]
+        assert len(groups) >= 2 and all(nbytes <= bound for _, nbytes in groups)
+        row_bytes = [pq.read_table(shard).slice(i, 1).nbytes for i in range(whole.num_rows)]
+        starts = np.cumsum([0] + [rows for rows, _ in groups])
+        for (rows, _), start in zip(groups[:-1], starts):  # packed: the next row would not have fitted
+            assert sum(row_bytes[start : start + rows + 1]) > bound
+        assert pq.read_table(shard).equals(whole)  # the same rows, bytes and schema, only grouped differently
+
+    # Every row, read back through `datasets`, is the scene it was rendered from.
+    files = [str(p) for p in shards]
+    split = load_dataset("parquet", data_files={"train": files}, split="train")
+    assert split.features == load_dataset(str(tmp_path / "whole"), split="train").features
+    scenes = list(toyrooms.generate(0, 0, 9, *size))
+    assert split["id"] == [scene["id"] for scene in scenes]
+    for row, scene in zip(split, scenes):
+        example = decode_example(row)
+        np.testing.assert_array_equal(example["image"], scene["image"])
+        np.testing.assert_array_equal(example["semseg"], scene["semseg"])
+        np.testing.assert_array_equal(example["depth"], scene["depth"].astype(np.float32))
+        np.testing.assert_array_equal(example["edge"], np.round(scene["edge"] * 255) / 255)
+
+    with pytest.raises(ValueError, match="max_row_group_size='0B' must be a positive number of bytes"):
+        make_toyrooms(tmp_path / "bad", num_train=1, num_test=1, size=size, max_row_group_size="0B")
+
+
+def test_the_class_names_ship_with_the_data_locally_and_from_the_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    main(
+        [
+            "toyrooms",
+            "--output_dir",
+            str(tmp_path / "toy"),
+            "--num_train",
+            "2",
+            "--num_test",
+            "1",
+            "--size",
+            "16",
+            "24",
+        ]
+    )
+    expected = dict(enumerate(toyrooms.CLASSES))
+    assert read_id2label(tmp_path / "toy") == expected
+    assert json.loads((tmp_path / "toy" / "id2label.json").read_text())["6"] == "picture"
+    # The file beside the data changes nothing for `datasets` or the project's loader.
+    assert set(load_dataset(str(tmp_path / "toy"))) == {"train", "test"}
+    assert len(load_multitask_split(str(tmp_path / "toy"), "train", streaming=False)) == 2
+
+    # A dataset repo's copy is read through hf_hub_download (here from a cache laid out as a download leaves it).
+    snapshot = tmp_path / "hub" / "datasets--org--toyrooms" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "id2label.json").write_bytes((tmp_path / "toy" / "id2label.json").read_bytes())
+    (tmp_path / "hub" / "datasets--org--toyrooms" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--org--toyrooms" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert read_id2label("org/toyrooms") == expected
+
+    # Training names the model's semseg classes by the data (the saved config's id2label), when the count matches.
+    from modeling_sak.recipe import Recipe
+    from modeling_sak.training import build_config
+
+    assert build_config(Recipe(), {}, str(tmp_path / "toy")).id2label == expected
+    assert build_config(Recipe(), {}, "org/toyrooms").label2id["picture"] == 6
+    five = Recipe(tasks={"semseg": 5}, task_loss_weights={"semseg": 1.0})
+    assert "floor" not in build_config(five, {}, str(tmp_path / "toy")).id2label.values()  # 7 names, 5 classes
+
+    # A folder without names reads as None; a file with gaps in its ids is refused by name.
+    assert read_id2label(tmp_path / "toy" / "data") is None
+    (tmp_path / "toy" / "id2label.json").write_text(json.dumps({"0": "floor", "2": "ceiling"}))
+    with pytest.raises(ValueError, match=r"id2label.json has class ids \[0, 2\]; expected 0..1"):
+        read_id2label(tmp_path / "toy")

@@ -15,8 +15,10 @@ from scipy.ndimage import convolve
 from skimage.morphology import thin
 
 from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
+from modeling_sak.data.schema import read_id2label
 from modeling_sak.data.transforms import MultiTaskTransform
 from modeling_sak.prepare_dataset import context_edges, human_parts_label, main
+from modeling_sak.tasks_sak import PASCAL_CONTEXT_CLASSES
 
 
 PASCAL_TASKS = ["semseg", "human_parts", "normals", "edge", "sal"]
@@ -142,6 +144,7 @@ def test_pascal_folder_converts_streams_and_batches_with_the_reference_label_val
     assert metadata["task_categories"] == ["image-segmentation"] and "saliency" in metadata["tags"]
     assert "mottaghi2014role" in card and "`human_parts`" in card and "| `depth`" not in card
     assert "## How the labels were made" in card and "Laplacian" in card
+    assert read_id2label(tmp_path / "out") == dict(enumerate(PASCAL_CONTEXT_CLASSES)) and "| 20 | tvmonitor |" in card
 
     split = load_multitask_split(str(tmp_path / "out"), "train", streaming=True)
     stream = MultiTaskStream(split, MultiTaskTransform(train=False, size=SIZE), PASCAL_TASKS, train=False)
@@ -210,3 +213,15 @@ def test_missing_and_bad_pascal_files_are_named(tmp_path):
     (tmp_path / "S" / "json" / "nyu_classes.json").unlink()
     with pytest.raises(FileNotFoundError, match="nyu_classes.json is missing"):
         main(["pascal_context", "--source", str(tmp_path / "S"), "--output_dir", str(tmp_path / "out")])
+
+
+def test_another_class_count_needs_its_class_names(tmp_path):
+    write_fake_pascal(tmp_path / "P")
+    arguments = ["pascal_context", "--source", str(tmp_path / "P"), "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match="num_classes=25 but 0 class names are given; pass one name per class"):
+        main([*arguments, "--num_classes", "25"])
+    assert not (tmp_path / "out").exists()
+    names = [f"class {i}" for i in range(25)]
+    (tmp_path / "names.json").write_text(json.dumps({str(i): name for i, name in enumerate(names)}))
+    main([*arguments, "--num_classes", "25", "--class_names", str(tmp_path / "names.json")])
+    assert read_id2label(tmp_path / "out") == dict(enumerate(names))

@@ -19,11 +19,19 @@ transforms then mark zero-norm normals as ignored, as the reference does. Datase
 PASCAL-Context has no depth); the extra PASCAL columns `human_parts` (8-bit ids, 255 ignore) and `sal` (8-bit,
 255 = salient) follow the same rules. `decode_example` raises a `ValueError` naming the row for a cell that cannot be
 decoded, an image that is not an 8-bit photo (a 16-bit depth PNG, say) or a label stored in another mode than above.
+
+The names of the `semseg` class ids travel beside the parquet files as `id2label.json` at the dataset's root
+(`{"0": "wall", ...}`, the file transformers' semantic-segmentation examples read from a dataset repo with
+`hf_hub_download(repo, "id2label.json", repo_type="dataset")`): `write_id2label` writes it, `read_id2label` reads it
+from a local folder or a Hub dataset repo.
 """
 
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,6 +45,48 @@ from ..tasks_sak import IGNORE_INDEX
 # The task columns of a split, in the order files are written (kept for the splits already written); the tasks
 # themselves are the task table's (`tasks_sak.TASKS`; tests/test_architecture.py checks the two agree).
 TASK_COLUMNS = ("semseg", "depth", "normals", "edge", "human_parts", "sal")
+
+
+ID2LABEL_NAME = "id2label.json"
+
+
+def write_id2label(folder: str | Path, class_names: Sequence[str]) -> Path:
+    """Write `{folder}/id2label.json` mapping the semseg class ids 0..N-1 to `class_names`; returns its path."""
+    names = [str(name) for name in class_names]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"class names must be a non-empty list without repeats, got {names}")
+    path = Path(folder) / ID2LABEL_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({str(i): name for i, name in enumerate(names)}, indent=2) + "\n")
+    return path
+
+
+def read_id2label(name_or_path: str | Path, revision: str | None = None) -> dict[int, str] | None:
+    """The semseg class names a dataset ships (`id2label.json` at its root), as `{class id: name}`.
+
+    `name_or_path` is a local folder or a Hub dataset id (read with `hf_hub_download`, so offline runs use the cache).
+    Returns None when the dataset has no such file; `ValueError` names the file when its ids are not 0..N-1.
+    """
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        path = folder / ID2LABEL_NAME
+        if not path.is_file():
+            return None
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(str(name_or_path), ID2LABEL_NAME, repo_type="dataset", revision=revision))
+        except RemoteEntryNotFoundError:
+            return None
+    try:
+        mapping = {int(key): str(value) for key, value in json.loads(path.read_text()).items()}
+    except (ValueError, AttributeError) as error:
+        raise ValueError(f"{path} is not a JSON object of class id -> name ({error})") from error
+    if sorted(mapping) != list(range(len(mapping))):
+        raise ValueError(f"{path} has class ids {sorted(mapping)}; expected 0..{len(mapping) - 1}")
+    return dict(sorted(mapping.items()))
 
 
 def features_for(columns: list[str]) -> Features:
