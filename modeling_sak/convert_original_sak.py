@@ -1,22 +1,32 @@
 """Convert a checkpoint of the reference SAK implementation into a `from_pretrained`-loadable folder.
 
+    # the authors' released checkpoints on the Hub (downloaded and cached by huggingface_hub):
+    python -m modeling_sak.convert_original_sak --repo_id yxlu0/SAK --filename PATH/checkpoint.pth \
+        --output_dir sak-vitb-nyud [--revision REV] [--image_size 448 576] [--push_to_hub ORG/NAME]
+    python -m modeling_sak.convert_original_sak --repo_id yxlu0/SAK --output_dir x  # lists the checkpoints
+    # or local files:
     python -m modeling_sak.convert_original_sak --original_config config.yml --checkpoint checkpoint.pth \
-        --output_dir sak-vitb-nyud [--image_size 448 576] [--push_to_hub ORG/NAME]
+        --output_dir sak-vitb-nyud
 
 The reference saves `{"model": state_dict, "optimizer", ...}` with timm ViT names (`backbone.vit.blocks.0.attn.qkv`)
-and a `config.yml` beside it. Stage-2 (multi-task) checkpoints carry the `backbone.` prefix and task heads; stage-1
-(distillation) checkpoints carry the backbone alone and convert into a SAK without tasks. Every key must map and
-every weight of the converted model must be filled, otherwise the conversion stops and names the keys.
+and a `config.yml` beside it (`results_dir/EXP/checkpoint.pth` and `results_dir/EXP/config.yml`); from a Hub repo
+the `config.yml` in the folder of `--filename` is downloaded with it unless `--config_filename` names another.
+Stage-2 (multi-task) checkpoints carry the `backbone.` prefix and task heads; stage-1 (distillation) checkpoints carry
+the backbone alone and convert into a SAK without tasks. Every key must map and every weight of the converted model
+must be filled, otherwise the conversion stops and names the keys.
 """
 
 from __future__ import annotations
 
 import argparse
+import posixpath
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
+from huggingface_hub.errors import CacheNotFound, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers.utils import logging
 
 from .configuration_sak import TASK_PRESETS, SAKConfig
@@ -75,6 +85,90 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path} holds no state dict under 'model'")
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+# Files the reference's training scripts save a student in (torch.save), for listing a repo's checkpoints.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def repo_files(
+    repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None
+) -> tuple[list[str], str]:
+    """The files of the Hub model repo `repo_id` at `revision` (default main), and where the list comes from: the Hub,
+    or, offline (HF_HUB_OFFLINE=1) or without a network, the local huggingface_hub cache.
+
+    Raises huggingface_hub's `RepositoryNotFoundError` / `RevisionNotFoundError` when the Hub says so."""
+    try:
+        return sorted(HfApi().list_repo_files(repo_id, revision=revision)), "the Hub"
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except Exception as error:  # offline mode or no network: the cache is all there is (the reason is reported)
+        reason = f"{type(error).__name__}: {error}".split("\n")[0]
+    files: set[str] = set()
+    try:
+        cache = scan_cache_dir(cache_dir)
+    except CacheNotFound:
+        cache = None
+    for repo in cache.repos if cache else ():
+        if repo.repo_id != repo_id or repo.repo_type != "model":
+            continue
+        for cached in repo.revisions:
+            if (revision or "main") in cached.refs or cached.commit_hash == revision:
+                files |= {path.file_path.relative_to(cached.snapshot_path).as_posix() for path in cached.files}
+    return sorted(files), f"the local cache, since the Hub could not be listed ({reason})"
+
+
+def describe_reference_checkpoints(
+    repo_id: str, revision: str | None = None, cache_dir: str | Path | None = None
+) -> str:
+    """Which reference checkpoints `repo_id` holds (each with its config.yml or not), for the user to pick one."""
+    files, source = repo_files(repo_id, revision, cache_dir)
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    checkpoints = [name for name in files if name.endswith(CHECKPOINT_SUFFIXES)]
+    if not checkpoints:
+        held = f"only {files[:20]}" if files else "nothing"
+        hint = ""
+        if "cache" in source:
+            hint = (
+                f" (listing the repo needs the network{': unset HF_HUB_OFFLINE' if constants.HF_HUB_OFFLINE else ''})"
+            )
+        return f"{at} holds no checkpoint ({'/'.join(CHECKPOINT_SUFFIXES)}) according to {source}: {held}{hint}"
+    lines = []
+    for name in checkpoints:
+        config = posixpath.join(posixpath.dirname(name), "config.yml")
+        lines.append(f"  {name}" + (f"  (with {config})" if config in files else "  (no config.yml beside it)"))
+    return (
+        f"{at} holds these checkpoints according to {source}:\n"
+        + "\n".join(lines)
+        + "\npass one with --filename PATH (its config.yml is downloaded with it; --config_filename names another)"
+    )
+
+
+def download_reference_run(
+    repo_id: str,
+    filename: str,
+    config_filename: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> tuple[Path, Path]:
+    """Download (or take from the huggingface_hub cache) a reference checkpoint and its config.yml from the Hub.
+
+    `filename` is the checkpoint's path in the repo (e.g. `EXP/checkpoint.pth`); `config_filename` defaults to
+    `config.yml` in the same folder. `hf_hub_download` honours `revision`, `cache_dir`, HF_HUB_CACHE and
+    HF_HUB_OFFLINE. Returns the local (config, checkpoint) paths. Raises `FileNotFoundError` naming what the repo
+    (or, offline, the cache) holds when either file is not there."""
+    config_filename = config_filename or posixpath.join(posixpath.dirname(filename), "config.yml")
+    paths = []
+    for name in (config_filename, filename):
+        try:
+            paths.append(Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir)))
+        except EntryNotFoundError as error:
+            raise FileNotFoundError(
+                f"{name!r} is not in {repo_id}{f'@{revision}' if revision else ''} ({type(error).__name__}). "
+                + describe_reference_checkpoints(repo_id, revision, cache_dir)
+            ) from error
+    config_path, checkpoint_path = paths
+    return config_path, checkpoint_path
 
 
 def sak_config_from_reference(
@@ -270,10 +364,20 @@ def convert(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_sak.convert_original_sak",
-        description="Convert a reference SAK checkpoint (checkpoint.pth + config.yml) into a from_pretrained folder.",
+        description="Convert a reference SAK checkpoint (checkpoint.pth + config.yml, local or in a Hub repo such as "
+        "the authors' yxlu0/SAK) into a from_pretrained folder.",
     )
-    parser.add_argument("--original_config", required=True, help="the reference config.yml saved with the run")
-    parser.add_argument("--checkpoint", required=True, help="the reference checkpoint.pth (loaded with weights_only)")
+    hub = parser.add_argument_group("from the Hub (downloaded and cached by huggingface_hub)")
+    hub.add_argument("--repo_id", help="Hub model repo of reference checkpoints, e.g. the authors' yxlu0/SAK")
+    hub.add_argument(
+        "--filename", help="the checkpoint's path in the repo (EXP/checkpoint.pth); without it the repo is listed"
+    )
+    hub.add_argument("--config_filename", help="the config's path in the repo (default: config.yml beside --filename)")
+    hub.add_argument("--revision", help="branch, tag or commit of the repo (default: main)")
+    hub.add_argument("--cache_dir", help="huggingface_hub cache folder (default: HF_HUB_CACHE)")
+    local = parser.add_argument_group("from local files")
+    local.add_argument("--original_config", help="the reference config.yml saved with the run")
+    local.add_argument("--checkpoint", help="the reference checkpoint.pth (loaded with weights_only)")
     parser.add_argument("--output_dir", required=True, help="folder to write config, safetensors, code and processor")
     parser.add_argument(
         "--image_size",
@@ -288,15 +392,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--push_to_hub", metavar="REPO", help="upload the converted folder to this Hub repo id")
     parser.add_argument("--private", action="store_true", help="with --push_to_hub: create the repo as private")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repo_id and (args.checkpoint or args.original_config):
+        parser.error("pass either --repo_id [--filename] or --checkpoint and --original_config, not both")
+    if not args.repo_id and not (args.checkpoint and args.original_config):
+        parser.error("pass --repo_id (e.g. yxlu0/SAK) [--filename PATH], or --checkpoint and --original_config")
+    if not args.repo_id and (args.filename or args.config_filename or args.revision or args.cache_dir):
+        parser.error("--filename, --config_filename, --revision and --cache_dir need --repo_id")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.set_verbosity_info()
+    original_config, checkpoint = args.original_config, args.checkpoint
+    if args.repo_id and not args.filename:
+        raise SystemExit(describe_reference_checkpoints(args.repo_id, args.revision, args.cache_dir))
+    if args.repo_id:
+        original_config, checkpoint = download_reference_run(
+            args.repo_id, args.filename, args.config_filename, args.revision, args.cache_dir
+        )
+        print(f"reference run {args.repo_id}/{args.filename}: {checkpoint}")
     model = convert(
-        args.original_config,
-        args.checkpoint,
+        original_config,
+        checkpoint,
         args.output_dir,
         tuple(args.image_size) if args.image_size else None,
         args.keep_aligners,
@@ -304,8 +423,6 @@ def main(argv: list[str] | None = None) -> None:
     parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aligners."))
     print(f"converted {parameters / 1e6:.2f}M parameters to {args.output_dir}")
     if args.push_to_hub:
-        from huggingface_hub import HfApi
-
         api = HfApi()
         api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)
         commit = api.upload_folder(folder_path=args.output_dir, repo_id=args.push_to_hub, commit_message="Convert SAK")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
 from reference_sak import RefMultiTaskModel, RefSAKBackbone, randomize_
 from transformers import AutoImageProcessor, AutoModel
 
+import modeling_sak
 from modeling_sak import SAKForMultiTask
 from modeling_sak.convert_original_sak import main
 
@@ -215,3 +223,133 @@ def test_reference_vit_b_nyud_parameter_count():
         )
         model = SAKForMultiTask(config)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 126.40
+
+
+COMMIT = "5f3c1e2d9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d"  # the snapshot of the tests' fake yxlu0/SAK
+
+
+def hub_cache(tmp_path: Path, files: dict[str, bytes], repo_id: str = "yxlu0/SAK") -> Path:
+    """A huggingface_hub cache holding `files` (path in the repo -> content) of `repo_id` at main, in the layout
+    hf_hub_download writes: blobs named by hash, snapshots/COMMIT/PATH linked to them, refs/main naming COMMIT."""
+    cache = tmp_path / "hub"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for name, data in files.items():
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return cache
+
+
+def run_offline(cache: Path, tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter with HF_HUB_CACHE=cache and HF_HUB_OFFLINE=1 (huggingface_hub reads both on import)."""
+    env = {
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "PATH": "/usr/bin:/bin",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(modeling_sak.__file__).parents[1]),
+    }
+    return subprocess.run(
+        [sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_a_hub_checkpoint_converts_like_the_local_files(tmp_path, tiny_vit_stems):
+    """--repo_id/--filename: the checkpoint and the config.yml beside it come through hf_hub_download (here from an
+    offline cache) and convert to exactly the model the same files give from local paths."""
+    reference = write_reference_run(tmp_path, "base", True, stage=2)
+    cache = hub_cache(
+        tmp_path,
+        {
+            "sak_vitb_nyud/checkpoint.pth": (tmp_path / "checkpoint.pth").read_bytes(),
+            "sak_vitb_nyud/config.yml": (tmp_path / "config.yml").read_bytes(),
+        },
+    )
+    # The tiny stems of the `tiny_vit_stems` fixture, in the fresh process that runs the command's main().
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from test_convert_original_sak import SHAPES
+        from modeling_sak import convert_original_sak
+        convert_original_sak.REFERENCE_STEMS = {
+            f"vit_{name}": {"hidden_size": d["dim"], "num_hidden_layers": d["depth"],
+                            "num_attention_heads": d["heads"], "intermediate_size": d["hidden"]}
+            for name, d in SHAPES.items()
+        }
+        convert_original_sak.REFERENCE_TEACHERS = {}
+        convert_original_sak.main(sys.argv[2:])
+        """
+    )
+    hub_args = ["--repo_id", "yxlu0/SAK", "--filename", "sak_vitb_nyud/checkpoint.pth"]
+    hub_args += ["--output_dir", str(tmp_path / "from_hub"), "--image_size", *map(str, IMAGE_SIZE), "--keep_aligners"]
+    result = run_offline(cache, tmp_path, "-c", script, str(Path(__file__).parent), *hub_args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    snapshot = cache / "models--yxlu0--SAK" / "snapshots" / COMMIT / "sak_vitb_nyud" / "checkpoint.pth"
+    assert f"reference run yxlu0/SAK/sak_vitb_nyud/checkpoint.pth: {snapshot}" in result.stdout, result.stdout
+
+    main(convert_args(tmp_path, "--keep_aligners"))
+    from_hub = SAKForMultiTask.from_pretrained(tmp_path / "from_hub").eval()
+    local = SAKForMultiTask.from_pretrained(tmp_path / "converted").eval()
+    saved = [(tmp_path / folder / "config.json").read_text() for folder in ("from_hub", "converted")]
+    assert saved[0] == saved[1]
+    for key, value in local.state_dict().items():
+        assert torch.equal(from_hub.state_dict()[key], value), key
+    x = torch.randn(2, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got, ref_outputs = local(x).task_outputs, from_hub(x).task_outputs, reference(x)[1]
+    for task, value in expected.items():
+        assert torch.equal(got[task], value), task
+        torch.testing.assert_close(got[task], ref_outputs[task], atol=2e-5, rtol=1e-5)
+
+
+def test_without_a_filename_or_with_a_wrong_one_the_repo_is_listed(tmp_path):
+    """The real command, offline: no --filename lists the checkpoints the cache holds; a missing file is named with
+    that list; a repo the cache does not hold says the listing needs the network."""
+    cache = hub_cache(
+        tmp_path,
+        {
+            "sak_vitb_nyud/checkpoint.pth": b"weights",
+            "sak_vitb_nyud/config.yml": b"student: {}",
+            "stage1_vitb/checkpoint.pth": b"weights",
+            "README.md": b"# SAK",
+        },
+    )
+    command = ["-m", "modeling_sak.convert_original_sak", "--output_dir", str(tmp_path / "out")]
+    listed = run_offline(cache, tmp_path, *command, "--repo_id", "yxlu0/SAK")
+    assert listed.returncode == 1, listed.stderr[-3000:]
+    assert "yxlu0/SAK holds these checkpoints according to the local cache" in listed.stderr, listed.stderr
+    assert "OfflineModeIsEnabled" in listed.stderr
+    assert "  sak_vitb_nyud/checkpoint.pth  (with sak_vitb_nyud/config.yml)" in listed.stderr
+    assert "  stage1_vitb/checkpoint.pth  (no config.yml beside it)" in listed.stderr
+    assert "pass one with --filename PATH" in listed.stderr
+
+    missing = run_offline(
+        cache, tmp_path, *command, "--repo_id", "yxlu0/SAK", "--filename", "nyud_vitl/checkpoint.pth"
+    )
+    assert missing.returncode == 1
+    assert "FileNotFoundError: 'nyud_vitl/config.yml' is not in yxlu0/SAK (LocalEntryNotFoundError)" in missing.stderr
+    assert "  sak_vitb_nyud/checkpoint.pth  (with sak_vitb_nyud/config.yml)" in missing.stderr
+    assert not (tmp_path / "out").exists()
+
+    unknown = run_offline(cache, tmp_path, *command, "--repo_id", "someone/else")
+    assert unknown.returncode == 1
+    assert "someone/else holds no checkpoint (.pth/.pt/.ckpt/.bin) according to the local cache" in unknown.stderr
+    assert "nothing (listing the repo needs the network: unset HF_HUB_OFFLINE)" in unknown.stderr
+
+
+def test_the_sources_are_checked_before_anything_runs(capsys):
+    for argv, message in [
+        (["--repo_id", "yxlu0/SAK", "--checkpoint", "c.pth"], "either --repo_id"),
+        (["--checkpoint", "c.pth"], "pass --repo_id (e.g. yxlu0/SAK)"),
+        (["--checkpoint", "c.pth", "--original_config", "c.yml", "--revision", "v1"], "need --repo_id"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--output_dir", "out"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
 import evaluate
 import pytest
 import torch
 from conftest import nyud_labels
 
+import modeling_sak
 from modeling_sak.evaluation import metric_module_path
 from modeling_sak.evaluation.registry import delta_m, make_metrics
 
@@ -68,3 +78,109 @@ def test_bad_inputs_are_named(monkeypatch):
         evaluate.load(metric_module_path(), "kitti")
     pascal = evaluate.load(metric_module_path(), "pascal_context", boundary="tolerance")
     assert set(pascal.tasks) == {"semseg", "human_parts", "normals", "edge", "sal"} and pascal.max_dist == 0.0075
+
+
+def batches_file(tmp_path: Path, count: int = 4) -> Path:
+    """`count` batches of NYUD-v2 labels and predictions, saved for the processes of a test."""
+    batches = []
+    for seed in range(count):
+        labels = nyud_labels(2, 24, 32, seed=seed)
+        batches.append({"predictions": predictions_for(labels, seed), "references": labels})
+    path = tmp_path / "batches.pt"
+    torch.save(batches, path)
+    return path
+
+
+def single_process_results(path: Path) -> dict[str, float]:
+    metric = evaluate.load(metric_module_path(), "nyud_v2")
+    for batch in torch.load(path):
+        metric.add_batch(**batch)
+    return metric.compute(baseline="nyud_vitb")
+
+
+def assert_same_numbers(got: dict[str, float], expected: dict[str, float]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key] == value or (math.isnan(got[key]) and math.isnan(value)), (key, got[key], value)
+
+
+def run_python(script: str, tmp_path: Path, *args: str, package: bool = True) -> subprocess.Popen:
+    """A fresh interpreter on `script`; `package=False` leaves the checkout off its path."""
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    if package:
+        env["PYTHONPATH"] = str(Path(modeling_sak.__file__).parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_copy_of_the_folder_loads_and_computes_without_the_package(tmp_path, monkeypatch):
+    """evaluate.load copies the metric and the files it imports; with `modeling_sak` unimportable the copy of the
+    folder must still run, and give the package's numbers."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = batches_file(tmp_path)
+    package_table = Path(modeling_sak.__file__).with_name("tasks_sak.py")
+    assert (Path(metric_module_path()).with_name("tasks_sak.py")).resolve() == package_table.resolve()  # one table
+    folder = tmp_path / "sak_multitask"
+    shutil.copytree(Path(metric_module_path()).parent, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    script = """
+        import json, sys
+        sys.modules["modeling_sak"] = None  # the package must not be importable: the code comes from the folder
+        import evaluate, torch
+        metric = evaluate.load(sys.argv[1], "nyud_v2")
+        assert type(metric).__module__.startswith("evaluate_modules."), type(metric).__module__
+        for batch in torch.load(sys.argv[2]):
+            metric.add_batch(**batch)
+        print(json.dumps(metric.compute(baseline="nyud_vitb")))
+        assert not [name for name in sys.modules if name.startswith("modeling_sak.")]
+    """
+    process = run_python(script, tmp_path, str(folder), str(path), package=False)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert_same_numbers(json.loads(stdout.strip().splitlines()[-1]), single_process_results(path))
+
+
+@pytest.mark.slow
+def test_num_process_2_gathers_both_processes(tmp_path, monkeypatch):
+    """evaluate's multi-process path: two real processes each add half of the batches; process 0 returns the numbers
+    of all of them (exactly the single-process ones), process 1 returns None; mismatched settings are refused."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = batches_file(tmp_path)
+    script = """
+        import json, sys
+        import evaluate, torch
+        from modeling_sak.evaluation import metric_module_path
+
+        rank, experiment, cache, path = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+        metric = evaluate.load(
+            metric_module_path(), "nyud_v2", num_process=2, process_id=rank, experiment_id=experiment,
+            cache_dir=cache, timeout=120,
+        )
+        for batch in torch.load(path)[rank::2]:
+            metric.add_batch(**batch)
+        print(json.dumps(metric.compute(baseline="nyud_vitb")))
+        # the same metric loaded with other settings in process 1: process 0 refuses to sum the statistics
+        other = evaluate.load(
+            metric_module_path(), "nyud_v2", num_process=2, process_id=rank, experiment_id=experiment + "-b",
+            cache_dir=cache, timeout=120, from_logits=rank == 0,
+        )
+        try:
+            print(json.dumps(other.compute()))
+        except ValueError as error:
+            print("refused:", error)
+    """
+    experiment, cache = uuid.uuid4().hex, str(tmp_path / "metrics_cache")
+    processes = [run_python(script, tmp_path, str(rank), experiment, cache, str(path)) for rank in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    (first, refused), (second, none) = (out.strip().splitlines()[-2:] for out, _ in outputs)
+    assert second == "null" and none == "null"
+    assert_same_numbers(json.loads(first), single_process_results(path))
+    assert refused.startswith("refused: the 2 processes loaded the metric with different settings"), refused
+    assert not list((tmp_path / "metrics_cache").rglob(f"{experiment}-2-*.arrow"))  # process 0 removed them

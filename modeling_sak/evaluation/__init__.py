@@ -7,5 +7,6 @@ from pathlib import Path
 
 
 def metric_module_path() -> str:
-    """Path of the `evaluate` module (`evaluate.load(metric_module_path(), "nyud_v2")`; no Hub access needed)."""
+    """Path of the `evaluate` module (`evaluate.load(metric_module_path(), "nyud_v2")`; no Hub access needed). Its
+    folder stands alone: `evaluate.load` of a copy of it needs no `modeling_sak` installed."""
     return str(Path(__file__).with_name("sak_multitask.py"))

@@ -69,11 +69,15 @@ import numpy as np
 import torch
 from scipy.ndimage import correlate1d, distance_transform_edt
 from scipy.sparse import coo_matrix, csr_matrix
-from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
+from scipy.sparse.csgraph import (
+    connected_components,
+    maximum_bipartite_matching,
+    min_weight_full_bipartite_matching,
+)
 from scipy.spatial import cKDTree
 
-from ..tasks_sak import IGNORE_INDEX
 from .counts import CountsMetric, best_f_measure, binary_probability
+from .tasks_sak import IGNORE_INDEX
 
 
 # parameters.txt of the authors' SEISM fork: the strings "0.01" ... "0.99", read with str2double

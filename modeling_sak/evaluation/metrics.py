@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tasks_sak import IGNORE_INDEX
 from .counts import CountsMetric, best_f_measure, binary_probability
+from .tasks_sak import IGNORE_INDEX
 
 
 FIXED_POINT_BITS = 24  # float statistics are summed as integers in units of 2^-24 (exact in any order)

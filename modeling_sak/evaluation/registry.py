@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..tasks_sak import IGNORE_INDEX, TASKS
 from .boundaries import BoundaryODSMetric
 from .metrics import BoundaryMetric, DepthMetric, NormalsMetric, SaliencyMetric, SemsegMetric
+from .tasks_sak import IGNORE_INDEX, TASKS
 
 
 METRICS_VERSION = 3  # bumped whenever a definition changes (cached results of older versions are recomputed)
