@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--write_card",
         metavar="REPO_ID",
         help="also write MODEL/README.md: a model card for REPO_ID "
-        "with these measurements (and the paper's numbers for released configurations)",
+        "with these measurements (and the paper's numbers for released configurations); the base_model of the card "
+        "it replaces is kept",
     )
     args = parser.parse_args(argv)
     baseline = args.baseline
@@ -137,12 +138,17 @@ def main(argv: list[str] | None = None) -> dict:
             save_predictions(model, stream, args.save_predictions, output_dir, accelerator.device)
         print(f"wrote {output_dir / 'metrics.json'}")
         if args.write_card:
+            from huggingface_hub import ModelCard
+
             from .model_card import render_model_card
 
+            card_path = Path(args.model) / "README.md"
+            # The weights' origin is not known here: keep what the card being replaced said (training wrote it).
+            base_model = ModelCard.load(card_path).data.base_model if card_path.is_file() else None
             recipe = {"evaluated_on": f"{args.dataset} ({args.split})"}
-            render_model_card(config, args.write_card, results, recipe, args.dataset).save(
-                Path(args.model) / "README.md"
-            )
+            render_model_card(
+                config, args.write_card, results, recipe, args.dataset, base_model=base_model, dataset_split=args.split
+            ).save(card_path)
             print(f"wrote {Path(args.model) / 'README.md'}")
     return results
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import TINY_IMAGE_SIZE, nyud_labels, tiny_config
+from huggingface_hub import ModelCard
 from PIL import Image
 
 from modeling_sak import SAKForMultiTask
@@ -26,6 +27,7 @@ def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch)
     make_toyrooms(tmp_path / "toy", num_train=2, num_test=5, size=(64, 96))
     config = tiny_config(tasks={"semseg": 7, "normals": 3, "edge": 1, "depth": 1})
     SAKForMultiTask(config).eval().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("---\nbase_model: google/vit-base-patch16-224\n---\nold card\n")
     results = main(
         [
             "--model",
@@ -46,6 +48,9 @@ def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch)
     )
     card = (tmp_path / "model" / "README.md").read_text()
     assert "org/tiny" in card and "model-index" in card and "measured with this package" in card
+    metadata = ModelCard.load(tmp_path / "model" / "README.md").data  # the base_model of the replaced card is kept
+    assert metadata.base_model == "google/vit-base-patch16-224" and str(tmp_path) not in str(metadata.to_dict())
+    assert {result["dataset"]["split"] for result in metadata.to_dict()["model-index"][0]["results"]} == {"test"}
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["metrics"] == results and set(results) == {"semseg", "normals", "edge", "depth", "Delta_m"}
     assert 0 <= results["semseg"]["mIoU"] <= 100 and results["depth"]["rmse"] > 0 and "odsF" in results["edge"]
