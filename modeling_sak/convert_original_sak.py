@@ -402,6 +402,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_provenance_card(output_dir: str | Path, config: SAKConfig, source: str, repo_id: str | None) -> bool:
+    """Write `output_dir/README.md` naming where the weights came from (`base_model`: the authors' Hub repo when they
+    were downloaded from one; a local file is named in the text only), unless a card is already there. Results are
+    added by `evaluate_model --write_card`, which keeps this `base_model`. Returns whether a card was written."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .model_card import pipeline_tag_for
+
+    path = Path(output_dir) / "README.md"
+    if path.exists():
+        return False
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag=pipeline_tag_for(config.tasks),
+        base_model=repo_id,
+        tags=["sak", "converted"],
+    )
+    text = (
+        f"# {Path(output_dir).name}\n\nA SAK model converted with `python -m modeling_sak.convert_original_sak` from "
+        f"the authors' checkpoint `{source}`; outputs match the reference implementation. Not evaluated yet: run "
+        "`python -m modeling_sak.evaluate_model --model THIS_FOLDER --dataset ... --write_card ORG/NAME`.\n"
+    )
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(path)
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.set_verbosity_info()
@@ -422,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parameters = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("aligners."))
     print(f"converted {parameters / 1e6:.2f}M parameters to {args.output_dir}")
+    source = f"{args.repo_id}/{args.filename}" if args.repo_id else str(checkpoint)
+    if write_provenance_card(args.output_dir, model.config, source, args.repo_id):
+        print(f"wrote {Path(args.output_dir) / 'README.md'} (evaluate_model --write_card adds the results)")
     if args.push_to_hub:
         api = HfApi()
         api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)

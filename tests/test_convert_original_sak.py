@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from reference_sak import RefMultiTaskModel, RefSAKBackbone, randomize_
 from transformers import AutoImageProcessor, AutoModel
 
@@ -294,7 +295,12 @@ def test_a_hub_checkpoint_converts_like_the_local_files(tmp_path, tiny_vit_stems
     snapshot = cache / "models--yxlu0--SAK" / "snapshots" / COMMIT / "sak_vitb_nyud" / "checkpoint.pth"
     assert f"reference run yxlu0/SAK/sak_vitb_nyud/checkpoint.pth: {snapshot}" in result.stdout, result.stdout
 
+    # Its card names the authors' repo as base_model; a local conversion names its file in the text only.
+    assert ModelCard.load(tmp_path / "from_hub" / "README.md").data.base_model == "yxlu0/SAK"
     main(convert_args(tmp_path, "--keep_aligners"))
+    local_card = ModelCard.load(tmp_path / "converted" / "README.md")
+    assert local_card.data.base_model is None and str(tmp_path / "checkpoint.pth") in local_card.text
+    assert str(tmp_path) not in local_card.data.to_yaml()
     from_hub = SAKForMultiTask.from_pretrained(tmp_path / "from_hub").eval()
     local = SAKForMultiTask.from_pretrained(tmp_path / "converted").eval()
     saved = [(tmp_path / folder / "config.json").read_text() for folder in ("from_hub", "converted")]
