@@ -1,6 +1,6 @@
 """Task and distillation losses of SAK, exactly as the reference implementation computes them.
 
-Every task loss ignores the label value `ignore_index` (255) and divides a sum by the number of valid *pixels* (not
+Every task loss ignores the label value `ignore_index` (`IGNORE_INDEX`, 255) and divides a sum by the number of valid *pixels* (not
 elements), so a 3-channel normal map counts each pixel once. Losses are computed in float32 whatever the autocast
 dtype of the model outputs. `sak_loss` assembles the training loss of `SAKForMultiTask` from them: it checks the
 labels and the teacher features, weights the task losses and adds `distill_alpha` times the distillation total.
@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_sak import SAKConfig
+from .tasks_sak import IGNORE_INDEX
 
 
 def _as_label_map(labels: torch.Tensor, task: str) -> torch.Tensor:
@@ -35,7 +36,11 @@ def _as_dense(labels: torch.Tensor, channels: int, task: str) -> torch.Tensor:
 
 
 def cross_entropy_loss(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, balanced: bool = False, task: str = "semseg"
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    balanced: bool = False,
+    task: str = "semseg",
 ) -> torch.Tensor:
     """Summed cross entropy over valid pixels divided by their number.
 
@@ -56,7 +61,7 @@ def cross_entropy_loss(
     return loss / valid.sum().clamp(min=1)
 
 
-def normals_l1_loss(prediction: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def normals_l1_loss(prediction: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """L1 between the L2-normalised prediction and the label, summed over channels and valid pixels / #valid pixels.
 
     A pixel is valid when none of its label channels equals `ignore_index`.
@@ -65,7 +70,7 @@ def normals_l1_loss(prediction: torch.Tensor, labels: torch.Tensor, ignore_index
 
 
 def l1_loss(
-    prediction: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255, task: str = "depth"
+    prediction: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, task: str = "depth"
 ) -> torch.Tensor:
     """Summed absolute error over valid pixels (all label channels != ignore_index) / number of valid pixels."""
     labels = _as_dense(labels, prediction.shape[1], task)
@@ -75,7 +80,11 @@ def l1_loss(
 
 
 def balanced_bce_loss(
-    logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 0.95, ignore_index: int = 255, task: str = "edge"
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    pos_weight: float = 0.95,
+    ignore_index: int = IGNORE_INDEX,
+    task: str = "edge",
 ) -> torch.Tensor:
     """HED-style balanced BCE: BCE-with-logits(pos_weight = w / (1 - w)) * (1 - w), averaged over valid pixels."""
     labels = _as_dense(labels, 1, task)
@@ -88,7 +97,7 @@ def balanced_bce_loss(
 
 
 def task_loss(
-    loss_type: str, output: torch.Tensor, labels: torch.Tensor, task: str, ignore_index: int = 255, **options
+    loss_type: str, output: torch.Tensor, labels: torch.Tensor, task: str, ignore_index: int = IGNORE_INDEX, **options
 ) -> torch.Tensor:
     """Dispatch one task's loss by its `loss_type` (see `SAKConfig.task_loss_types`)."""
     if labels.shape[-2:] != output.shape[-2:]:
