@@ -1,11 +1,19 @@
-"""Time a SAK teacher committee forward on CPU: fp32 teachers vs bf16 teachers, side by side in one run.
+"""Time each teacher's forward on CPU: transformers' own forward (SDPA) vs the teachers' fast path, side by side.
 
-    python bench/teachers_forward.py [--width 192] [--layers 12] [--batch 2] [--repeats 5]
+    python bench/teachers_forward.py [--width 768] [--layers 12] [--batch 1] [--repeats 3] [--threads 2]
+                                     [--dtypes float32 bfloat16] [--teachers dinov2 clip sam]
 
-DINOv2-, CLIP- and SAM-shaped teachers (patch 14 / 16 / 16, SAM at its native 1024 x 1024 with windowed
-attention) are built from transformers configs with random weights at a small width, saved, and loaded back through
-`SAKTeachers` exactly as Hub teachers are. Input: a batch at the NYUD-v2 training size 448 x 576. Runs alternate
-between the two precisions and the median is reported; results go to bench/results/teachers_forward.json.
+DINOv2-, CLIP- and SAM-shaped teachers (patch 14 / 16 / 16; by default ViT-B: width 768, 12 layers, 12 heads; SAM
+at its native 1024 x 1024 with 14 x 14 windows and global layers 2, 5, 8, 11) are built from transformers configs with
+random weights drawn with std 0.02 (`initializer_range=0.02`: `SamVisionConfig`'s default of 1e-10 gives near-zero
+weights whose float32 activations are subnormal, about 10x slower on CPU, so such weights are refused) and SAM's
+relative-position tables drawn with std 0.02 too (transformers initialises them to zero), saved, and loaded back
+through `SAKTeachers` exactly as Hub teachers are. Input: a batch at the NYUD-v2 training size 448 x 576 (SAM resizes
+and pads it to 1024 x 1024). For each dtype and teacher, runs alternate between `fast_path=False` (transformers'
+forward) and `fast_path=True` on the same teacher, after one warm-up of each; medians are reported with the maps'
+maximum relative error (max |fast - transformers| / max |transformers| over the levels). The cores of a shared machine
+may be busy: repeat, compare the medians, and read the ratio more than the seconds. Results go to
+bench/results/teachers_forward.json.
 """
 
 from __future__ import annotations
@@ -20,20 +28,46 @@ from datetime import date
 from pathlib import Path
 
 import torch
+import transformers
+from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
 
 from modeling_sak import SAKConfig
 from modeling_sak.teachers import SAKTeachers
 
 
-def build_teachers(root: Path, width: int, layers: int) -> dict[str, dict]:
-    heads = max(1, width // 64)
-    tower = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": heads}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Below this, a model's largest weight says it was built with a near-zero initialiser (SAM's default 1e-10).
+MIN_WEIGHT_SCALE = 1e-4
+
+
+def attention_heads(width: int) -> int:
+    """ViT's 64-wide heads where the width allows, else the most heads (at most width // 64) dividing the width."""
+    return next(heads for heads in range(max(1, width // 64), 0, -1) if width % heads == 0)
+
+
+def check_realistic_weights(name: str, model: nn.Module) -> None:
+    """Refuse a model whose weight matrices are all near zero: its float32 activations would be subnormal, which makes
+    CPU arithmetic about 10x slower and the timings meaningless."""
+    largest = max(parameter.abs().max().item() for parameter in model.parameters() if parameter.dim() > 1)
+    if largest < MIN_WEIGHT_SCALE:
+        raise SystemExit(
+            f"teacher '{name}' ({type(model).__name__}) has near-zero weights (largest |w| = {largest:.3g}): "
+            "SamVisionConfig's default initializer_range=1e-10 gives subnormal float32 activations, about 10x slower "
+            "on CPU; build it with initializer_range=0.02 (real checkpoints have weights of that scale)"
+        )
+
+
+def build_teachers(root: Path, width: int, layers: int, names: list[str]) -> dict[str, dict]:
+    """Random teachers of realistic weight scale, saved under `root`; returns `SAKConfig.teachers` specs."""
+    tower = {"hidden_size": width, "num_hidden_layers": layers, "num_attention_heads": attention_heads(width)}
     global_layers = [layers // 4 * (k + 1) - 1 for k in range(4)]
-    models = {
-        "dinov2": Dinov2Model(Dinov2Config(**tower, image_size=518, patch_size=14)),
-        "clip": CLIPVisionModel(CLIPVisionConfig(**tower, intermediate_size=4 * width, image_size=384, patch_size=16)),
-        "sam": SamVisionModel(
+    builders = {
+        "dinov2": lambda: Dinov2Model(Dinov2Config(**tower, image_size=518, patch_size=14, initializer_range=0.02)),
+        "clip": lambda: CLIPVisionModel(
+            CLIPVisionConfig(**tower, intermediate_size=4 * width, image_size=224, patch_size=16)
+        ),
+        "sam": lambda: SamVisionModel(
             SamVisionConfig(
                 **tower,
                 mlp_dim=4 * width,
@@ -41,84 +75,92 @@ def build_teachers(root: Path, width: int, layers: int) -> dict[str, dict]:
                 patch_size=16,
                 window_size=14,
                 global_attn_indexes=global_layers,
-                output_channels=64,
+                initializer_range=0.02,
             )
         ),
     }
     specs = {}
-    for name, model in models.items():
+    for name in names:
+        model = builders[name]()
+        if name == "sam":
+            with torch.no_grad():  # zero-initialised by transformers; trained SAMs have non-zero tables
+                for layer in model.vision_encoder.layers:
+                    layer.attn.rel_pos_h.normal_(0.0, 0.02)
+                    layer.attn.rel_pos_w.normal_(0.0, 0.02)
+        check_realistic_weights(name, model)
         model.save_pretrained(root / name)
         specs[name] = {"hidden_size": width, "model_id": str(root / name)}
     return specs
 
 
+def relative_error(fast: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fast, reference))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=192, help="teacher width (ViT-B teachers are 768)")
-    parser.add_argument("--layers", type=int, default=12, help="teacher depth")
-    parser.add_argument("--batch", type=int, default=2, help="images per forward")
+    parser.add_argument("--width", type=int, default=768, help="teacher width (ViT-B: 768)")
+    parser.add_argument("--layers", type=int, default=12, help="teacher depth (a multiple of 4)")
+    parser.add_argument("--batch", type=int, default=1, help="images per forward")
     parser.add_argument("--size", type=int, nargs=2, default=[448, 576], metavar=("H", "W"), help="input size")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per precision (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per path (after one warm-up each)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--teachers", nargs="+", default=["dinov2", "clip", "sam"], choices=["dinov2", "clip", "sam"])
     parser.add_argument("--output", default="bench/results/teachers_forward.json", help="JSON results file")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, *args.size)
+    results, references = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        specs = build_teachers(Path(tmp), args.width, args.layers)
-        config = SAKConfig(
-            stem_config={
-                "model_type": "vit",
-                "hidden_size": args.width,
-                "num_hidden_layers": 12,
-                "num_attention_heads": 3,
-                "intermediate_size": 4 * args.width,
-            },
-            teachers=specs,
-        )
-        committees = {
-            "fp32": SAKTeachers.from_config(config),
-            "bf16": SAKTeachers.from_config(config, dtype=torch.bfloat16),
-        }
-        x = torch.randn(args.batch, 3, *args.size)
-        times = {name: [] for name in committees}
-        outputs = {name: committee(x) for name, committee in committees.items()}  # warm-up
-        for _ in range(args.repeats):
-            for name, committee in committees.items():
-                start = time.perf_counter()
-                committee(x)
-                times[name].append(time.perf_counter() - start)
-    errors = {
-        teacher: max(
-            ((b - a).norm() / a.norm()).item() for a, b in zip(outputs["fp32"][teacher], outputs["bf16"][teacher])
-        )
-        for teacher in outputs["fp32"]
-    }
-    median = {name: statistics.median(values) for name, values in times.items()}
+        specs = build_teachers(Path(tmp), args.width, args.layers, args.teachers)
+        heads = attention_heads(args.width)
+        stem = {"model_type": "vit", "hidden_size": args.width, "num_attention_heads": heads}
+        config = SAKConfig(stem_config={**stem, "intermediate_size": 4 * args.width}, teachers=specs)
+        for dtype_name in args.dtypes:
+            committee = SAKTeachers.from_config(config, dtype=DTYPES[dtype_name])
+            for name, teacher in committee.teachers.items():
+                times, maps = {"transformers": [], "fast": []}, {}
+                with torch.inference_mode():
+                    for run in range(args.repeats + 1):
+                        for path in ("transformers", "fast"):
+                            teacher.fast_path = path == "fast"
+                            start = time.perf_counter()
+                            maps[path] = teacher(x)
+                            if run:  # run 0 is the warm-up
+                                times[path].append(time.perf_counter() - start)
+                median = {path: statistics.median(values) for path, values in times.items()}
+                references.setdefault(name, maps["transformers"])
+                results[f"{name}/{dtype_name}"] = {
+                    "median_seconds": median,
+                    "all_seconds": times,
+                    "speedup_fast_over_transformers": median["transformers"] / median["fast"],
+                    "max_relative_error_fast_vs_transformers": relative_error(maps["fast"], maps["transformers"]),
+                    "max_relative_error_fast_vs_float32_transformers": relative_error(maps["fast"], references[name]),
+                    "grid": list(maps["fast"][0].shape[-2:]),
+                }
+                row = results[f"{name}/{dtype_name}"]
+                print(
+                    f"{name:7s} {dtype_name:9s} transformers {median['transformers']:7.2f} s   fast "
+                    f"{median['fast']:7.2f} s   {row['speedup_fast_over_transformers']:.2f}x   max rel. error "
+                    f"{row['max_relative_error_fast_vs_transformers']:.1e}",
+                    flush=True,
+                )
+            del committee
     result = {
         "date": date.today().isoformat(),
-        "machine": f"{platform.platform()}, {torch.get_num_threads()} threads",
+        "machine": f"{platform.platform()}, {args.threads} threads (cores possibly shared)",
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "command": "python bench/teachers_forward.py "
         + " ".join(
             f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in vars(args).items()
             if k != "output"
         ),
-        "median_seconds": median,
-        "all_seconds": times,
-        "speedup_bf16_over_fp32": median["fp32"] / median["bf16"],
-        "max_relative_error_bf16_vs_fp32": errors,
-        "grids": {t: list(v[0].shape[-2:]) for t, v in outputs["fp32"].items()},
+        "results": results,
     }
-    print(
-        f"committee forward, batch {args.batch} at {args.size[0]}x{args.size[1]} (DINOv2/CLIP/SAM-shaped, width "
-        f"{args.width}, {args.layers} layers):"
-    )
-    for name, value in median.items():
-        print(f"  {name}: {value:.3f} s (median of {args.repeats})")
-    print(
-        f"  bf16 speed-up: {result['speedup_bf16_over_fp32']:.2f}x; max relative error per teacher: "
-        + ", ".join(f"{t} {e:.4f}" for t, e in errors.items())
-    )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -32,6 +32,7 @@ from transformers.utils import logging
 from .configuration_sak import DEFAULT_STEM_CONFIG, SAKConfig
 from .modeling_sak import SAKForMultiTask
 from .teacher_base import FrozenTeacher, sam_resize_and_pad
+from .teacher_fast_path import FAST_PATH_FAMILIES, block_outputs
 
 
 logger = logging.get_logger(__name__)
@@ -252,6 +253,11 @@ class SAKTeacher(FrozenTeacher):
 
     Position embeddings follow `position_interpolation` (default: the reference's rule for the family, see
     `FAMILY_POSITION_INTERPOLATION`), resampled from the saved grid, square or not, and cached per input grid.
+
+    With `fast_path=True` (the default; an attribute that may be switched at any time) a DINOv2, CLIP, SigLIP, ViT
+    or SAM teacher runs only the blocks its levels need, SAM's attention without materialising its relative-position
+    bias (`modeling_sak.teacher_fast_path`); the maps equal transformers' own forward (`fast_path=False`) up to float
+    rounding. Other models always run transformers' forward.
     """
 
     def __init__(
@@ -265,6 +271,7 @@ class SAKTeacher(FrozenTeacher):
         position_interpolation: str | None = None,
         model_id: str | None = None,
         config_overrides: dict[str, Any] | None = None,
+        fast_path: bool = True,
     ):
         vision = vision_config_of(model.config)
         model_id = model_id or getattr(model.config, "_name_or_path", "") or None
@@ -280,6 +287,7 @@ class SAKTeacher(FrozenTeacher):
             model_id,
         )
         self.config_overrides = dict(config_overrides or {})
+        self.fast_path = fast_path
         patch = getattr(vision, "patch_size", None)
         self.patch_size = (patch, patch) if isinstance(patch, int) else tuple(patch) if patch else None
         image_size = getattr(vision, "image_size", None)
@@ -333,6 +341,9 @@ class SAKTeacher(FrozenTeacher):
             kwargs = kwargs if tuple(inputs.shape[-2:]) != self.image_size else {}  # transformers asks only off size
             if kwargs and self.image_size and self.image_size[0] != self.image_size[1]:
                 raise ValueError(self._square_grid_message())
+        if self.uses_fast_path:
+            levels = block_outputs(self.model, self.family, inputs, self.out_indices, **kwargs)
+            return [self._to_map(hidden, inputs.shape[-2:]) for hidden in levels]
         outputs = self.model(pixel_values=inputs, output_hidden_states=True, **kwargs)
         hidden_states = getattr(outputs, "hidden_states", None)
         if hidden_states is None:
@@ -341,6 +352,11 @@ class SAKTeacher(FrozenTeacher):
                 "supports output_hidden_states=True (DINOv2, CLIP, SigLIP, SAM, ViT, ...)"
             )
         return [self._to_map(hidden_states[i + 1], inputs.shape[-2:]) for i in self.out_indices]
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether `forward` takes the fast path: `fast_path` is on and the family is one it knows."""
+        return bool(self.fast_path) and self.family in FAST_PATH_FAMILIES
 
     def _to_map(self, hidden: torch.Tensor, input_size: torch.Size) -> torch.Tensor:
         if hidden.dim() == 4:  # SAM: (B, h, w, C); convolutional models: (B, C, h, w)
@@ -362,6 +378,7 @@ class SAKTeacher(FrozenTeacher):
             **super().describe(),
             "position_interpolation": self.position_interpolation,
             "config_overrides": self.config_overrides,
+            "fast_path": self.uses_fast_path,
         }
 
 
@@ -415,6 +432,7 @@ def load_teacher(
     renormalize: bool = False,
     position_interpolation: str | None = None,
     config_overrides: dict[str, Any] | None = None,
+    fast_path: bool = True,
     **hub_kwargs,
 ) -> FrozenTeacher:
     """Load one frozen teacher by Hub id or local path: a transformers model with the right class for its family, or
@@ -423,6 +441,8 @@ def load_teacher(
     `position_interpolation` overrides the family's position-embedding rule (`POSITION_INTERPOLATIONS`);
     `config_overrides` sets fields of the (vision) config before the weights load, e.g. `{"layer_norm_eps": 1e-5}`
     for SAM or `{"hidden_act": "gelu"}` for OpenAI CLIP weights, to match the reference's timm teachers exactly.
+    `fast_path` (see `SAKTeacher`) applies to transformers teachers, which load with SDPA attention; timm teachers
+    always run timm's own pruned, early-stopping `forward_intermediates`.
     """
     if is_timm_model_id(model_id):
         if position_interpolation is not None or config_overrides:
@@ -440,6 +460,8 @@ def load_teacher(
     _apply_config_overrides(name, vision, config_overrides)
     model_class = _model_class(family)
     extra = {"add_pooling_layer": False} if family == "vit" else {}
+    if family in FAST_PATH_FAMILIES:
+        extra["attn_implementation"] = "sdpa"  # transformers' default for these families; asked for explicitly
     load_config = config if model_class is AutoModel else vision
     try:
         model = model_class.from_pretrained(
@@ -459,6 +481,7 @@ def load_teacher(
         position_interpolation=position_interpolation,
         model_id=model_id,
         config_overrides=config_overrides,
+        fast_path=fast_path,
     )
     teacher.requires_grad_(False)
     return teacher.eval()
@@ -485,10 +508,11 @@ class SAKTeachers:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         renormalize: bool = False,
+        fast_path: bool = True,
         **hub_kwargs,
     ) -> SAKTeachers:
         """Load the teachers a `SAKConfig` names: `teachers[name]["model_id"]` plus the optional `TEACHER_OPTIONS`
-        (`out_indices`, `position_interpolation`, `config_overrides`)."""
+        (`out_indices`, `position_interpolation`, `config_overrides`); `fast_path` as in `load_teacher`."""
         teachers = {}
         for name, spec in config.teachers.items():
             if not spec.get("model_id"):
@@ -504,6 +528,7 @@ class SAKTeachers:
                 renormalize,
                 position_interpolation=spec.get("position_interpolation"),
                 config_overrides=spec.get("config_overrides"),
+                fast_path=fast_path,
                 **hub_kwargs,
             )
             if teacher.hidden_size != spec["hidden_size"]:
