@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -559,11 +560,19 @@ class SAKTeachers:
         return {"teachers": [t.describe() for t in self.teachers.values()], "input_size": list(input_size)}
 
     def __call__(self, pixel_values: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """`{teacher: [one (B, C_t, h_t, w_t) float32 map per level]}` for normalised `pixel_values`."""
+        """`{teacher: [one (B, C_t, h_t, w_t) float32 map per level]}` for normalised `pixel_values`.
+
+        float32 teachers follow the caller's autocast (the training loop runs them under the Accelerator's); teachers
+        stored in bfloat16 or float16 compute in their own dtype with autocast off, so that, e.g., bf16 teachers
+        under fp16 mixed precision do not mix the two half types (autocast refuses `torch.cat` of bf16 and fp16)."""
         if self.device != pixel_values.device:
             self.to(pixel_values.device)
+        features = {}
         with torch.inference_mode():
-            features = {name: teacher(pixel_values) for name, teacher in self.teachers.items()}
+            for name, teacher in self.teachers.items():
+                own_dtype = next(teacher.parameters()).dtype != torch.float32
+                with torch.autocast(pixel_values.device.type, enabled=False) if own_dtype else nullcontext():
+                    features[name] = teacher(pixel_values)
         # Inference tensors cannot enter autograd graphs; the clone is an ordinary tensor.
         return {name: [level.clone() for level in levels] for name, levels in features.items()}
 

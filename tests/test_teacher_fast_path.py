@@ -264,3 +264,38 @@ def test_sam_initializer_range_drives_its_weights_and_the_benchmark_refuses_near
     with pytest.raises(SystemExit, match="teacher 'sam' .*near-zero weights.*initializer_range=0.02"):
         bench.check_realistic_weights("sam", default)
     assert [bench.attention_heads(width) for width in (768, 1024, 100, 96, 192)] == [12, 16, 1, 1, 3]
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "transformers"])
+@pytest.mark.parametrize("teacher_dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_teachers_compute_in_their_own_dtype_under_any_mixed_precision(
+    autocast_dtype, teacher_dtype, fast_path, teacher_dirs
+):
+    # train_accelerate.py runs the committee under the Accelerator's autocast: bf16 teachers under fp16 mixed
+    # precision crashed ("Unexpected floating ScalarType in at::autocast::prioritize": torch.cat of a bf16 class token
+    # and fp16 patches). Half-precision teachers now give exactly their autocast-free features, in every family.
+    kinds = ["dinov2_registers", "clip", "siglip", "vit", "sam"]
+    committee = SAKTeachers(
+        {
+            kind: load_teacher(kind, str(teacher_dirs / kind), dtype=teacher_dtype, fast_path=fast_path)
+            for kind in kinds
+        }
+    )
+    x = torch.randn(1, 3, 238, 322, generator=torch.Generator().manual_seed(5))
+    expected = committee(x)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        mixed = committee(x)
+    for kind in kinds:
+        for got, want in zip(mixed[kind], expected[kind]):
+            assert torch.equal(got, want), kind
+
+
+def test_float32_teachers_follow_the_callers_autocast(teacher_dirs):
+    committee = SAKTeachers({"dinov2": load_teacher("dinov2", str(teacher_dirs / "dinov2"))})
+    x = torch.randn(1, 3, 238, 322, generator=torch.Generator().manual_seed(6))
+    plain = committee(x)["dinov2"][-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = committee(x)["dinov2"][-1]
+    assert mixed.dtype == torch.float32 and not torch.equal(mixed, plain)
+    torch.testing.assert_close(mixed, plain, rtol=5e-2, atol=5e-2)
