@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -250,7 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     if recipe.report_to:
         accelerator.init_trackers("sak", config={k: str(v) for k, v in recipe.to_dict().items()})
 
+    seconds, start = {}, time.perf_counter()  # wall time per phase, printed at the end
+
+    def phase_done(name: str) -> None:
+        nonlocal start
+        seconds[name], start = time.perf_counter() - start, time.perf_counter()
+
     dataset, teachers = resolve_data_and_teachers(recipe, args.cache_dir, accelerator)
+    phase_done("data and teachers")
     baseline_recipe = recipe.replace(teachers="none")  # before stage 1: the baseline never sees a teacher
     if recipe.stage == 2 and recipe.stage1_steps and teachers:
         # Stage 1 (distillation on every training image, labels unused), then stage 2 starts from its student.
@@ -266,15 +274,22 @@ def main(argv: list[str] | None = None) -> None:
             merge_lora(first["model"]).save_pretrained(output_dir / "stage1" / "final", include_aligners=True)
         accelerator.wait_for_everyone()
         recipe = recipe.replace(init_from=str(output_dir / "stage1" / "final"))
+        phase_done("stage 1")
     runs = {"SAK": train(recipe, teachers, dataset, output_dir, accelerator, args.resume_from_checkpoint)}
+    phase_done(f"stage {recipe.stage} and evaluation")
     if recipe.baseline and teachers and recipe.stage == 2 and runs["SAK"]["results"]:
         fresh = bool(args.resume_from_checkpoint)
         runs["baseline"] = train_baseline(baseline_recipe, dataset, output_dir, args.cache_dir, accelerator, fresh)
+        phase_done("baseline and evaluation")
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:
         final = write_run_outputs(output_dir, runs, recipe, args.hub_model_id, accelerator.print)
         accelerator.print(f"\nmodel, processor and card: {final}; results: {output_dir / 'all_results.json'}")
+        phase_done("outputs")
+        accelerator.print(
+            "wall time per phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+        )
         if args.push_to_hub:
             from modeling_sak.publish import publish
 

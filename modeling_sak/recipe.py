@@ -104,16 +104,23 @@ class Recipe:
         example="0.5 2.0",
     )
     toyrooms: dict[str, Any] = _field(
-        {"num_train": 2000, "num_test": 200, "seed": 0, "teacher_steps": {"geometry": 800, "semantics": 500}},
-        "ToyRooms settings: `num_train=2000 num_test=200 seed=0` or a YAML/JSON mapping (also teacher_steps)",
+        {
+            "num_train": 2000,
+            "num_test": 200,
+            "seed": 0,
+            "teacher_steps": {"geometry": 800, "semantics": 300},
+            "teacher_learning_rate": {"geometry": 1e-3, "semantics": 2e-3},
+        },
+        "ToyRooms settings: `num_train=2000 num_test=200 seed=0` or a YAML/JSON mapping (also teacher_steps and "
+        "teacher_learning_rate, the peak of each teacher's one-cycle schedule)",
         example="num_train=2000 num_test=200",
     )
     stage1_steps: int = _field(
-        200,
+        120,
         "with stage 2: first distil on all training images (no labels, train_limit ignored) for this many steps, then "
         "start stage 2 from that student (SAK's two-stage protocol; 0: off)",
     )
-    max_steps: int = _field(300, "optimizer steps")
+    max_steps: int = _field(180, "optimizer steps")
     per_device_train_batch_size: int = _field(8, "training batch size per process")
     per_device_eval_batch_size: int = _field(16, "evaluation batch size per process")
     gradient_accumulation_steps: int = _field(1, "batches accumulated per optimizer step")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTModel
 
 from .data.loading import MultiTaskStream, load_multitask_split
-from .data.toyrooms import CLASSES
+from .data.toyrooms import CLASSES, OpenedRows
 from .data.transforms import MultiTaskTransform
 from .evaluation.metrics import DepthMetric, NormalsMetric, SemsegMetric
 from .losses import cross_entropy_loss, l1_loss, normals_l1_loss
@@ -52,8 +52,12 @@ class PatchHead(nn.Module):
 
 def _loader(data_dir: str, split: str, size: tuple[int, int], train: bool, batch_size: int, seed: int, tasks):
     dataset = load_multitask_split(data_dir, split, streaming=False, shuffle_buffer=1 if train else None, seed=seed)
+    # Only the columns the batches need (and semseg in training: the random crop looks at its classes); the others
+    # would be decoded and transformed for nothing, without changing any batch. Rows are opened once per process.
+    needed = ["id", "image", *tasks, *(["semseg"] if train else [])]
+    dataset = dataset.select_columns([column for column in dataset.column_names if column in needed])
     transform = MultiTaskTransform(train=train, size=size, seed=seed, scale_range=(0.8, 1.25), photometric=False)
-    stream = MultiTaskStream(dataset, transform, tasks, train=train)
+    stream = MultiTaskStream(OpenedRows(dataset, data_dir, split), transform, tasks, train=train)
     return stream, torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=stream.collate)
 
 
@@ -68,6 +72,7 @@ def train_specialist(
     depth: int = 4,
     patch: int = 8,
     seed: int = 0,
+    learning_rate: float = 1e-3,
 ) -> dict[str, float]:
     """Train one specialist, save it, and return its test metrics next to a chance baseline."""
     torch.manual_seed(seed)
@@ -83,8 +88,8 @@ def train_specialist(
     )
     model, head = ViTModel(config, add_pooling_layer=False), PatchHead(width, patch, outputs)
     parameters = [*model.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.1)
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
     grid = (size[0] // patch, size[1] // patch)
     stream, loader = _loader(data_dir, "train", size, True, batch_size, seed, list(outputs))
 
@@ -206,20 +211,24 @@ def ensure_specialists(
     cache_dir: str | Path = DEFAULT_CACHE,
     steps: int | dict[str, int] = 600,
     size: tuple[int, int] = (96, 128),
+    learning_rate: float | dict[str, float] = 1e-3,
     **kwargs,
 ) -> dict[str, Path]:
     """`{"geometry": folder, "semantics": folder}`, trained on first use (keyed by data folder, settings and code).
 
-    `steps` is one number or one per teacher (`{"geometry": 1000, "semantics": 300}`: depth is harder to learn)."""
+    `steps` and `learning_rate` (the one-cycle peak) are one number or one per teacher (`{"geometry": 1000,
+    "semantics": 300}`: depth and normals take longer to learn)."""
     folders = {}
     shape = "-".join([f"{k}{kwargs[k]}" for k in sorted(kwargs)] + [source_fingerprint(*SPECIALIST_SOURCES)])
     for kind in SPECIALISTS:
         kind_steps = steps[kind] if isinstance(steps, dict) else steps
-        folder = (
-            Path(cache_dir) / f"specialist-{kind}-{Path(data_dir).name}-{kind_steps}{'-' + shape if shape else ''}"
-        )
+        kind_rate = learning_rate[kind] if isinstance(learning_rate, dict) else learning_rate
+        name = f"specialist-{kind}-{Path(data_dir).name}-{kind_steps}-lr{kind_rate:g}-{shape}"
+        folder = Path(cache_dir) / name
         if not (folder / "metrics.json").exists():
-            train_specialist(kind, str(data_dir), folder, size=size, steps=kind_steps, **kwargs)
+            train_specialist(
+                kind, str(data_dir), folder, size=size, steps=kind_steps, learning_rate=kind_rate, **kwargs
+            )
         folders[kind] = folder
     return folders
 
@@ -235,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--output_dir", required=True, help="writes OUTPUT_DIR/geometry and OUTPUT_DIR/semantics")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per teacher")
+    parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak of the one-cycle learning rate")
     parser.add_argument("--batch_size", type=int, default=16, help="images per step")
     parser.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="ToyRooms image size")
     parser.add_argument("--width", type=int, default=96, help="teacher width")
@@ -256,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             args.depth,
             args.patch,
             args.seed,
+            args.learning_rate,
         )
         print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 

@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .configuration_sak import SAKConfig
 from .data.loading import COLUMN_MAPPINGS, ImageStream, MultiTaskStream, load_multitask_split, task_columns
 from .data.schema import read_id2label
+from .data.toyrooms import OpenedRows
 from .data.transforms import MultiTaskTransform, stage1_transform
 from .modeling_sak import SAKForMultiTask, resize_position_embeddings
 from .recipe import Recipe
@@ -53,8 +54,8 @@ def resolve_data_and_teachers(recipe: Recipe, cache_dir: str, accelerator) -> tu
         if recipe.dataset != "toyrooms":
             raise ValueError("teachers 'toyrooms_specialists' need dataset 'toyrooms'; name Hub teachers instead")
         with accelerator.main_process_first():
-            steps = recipe.toyrooms["teacher_steps"]
-            folders = ensure_specialists(dataset, cache_dir, steps, tuple(recipe.image_size))
+            steps, rates = recipe.toyrooms["teacher_steps"], recipe.toyrooms.get("teacher_learning_rate", 1e-3)
+            folders = ensure_specialists(dataset, cache_dir, steps, tuple(recipe.image_size), rates)
         teachers = {name: str(folder) for name, folder in folders.items()}
     if not isinstance(teachers, dict):
         raise ValueError(f"teachers={teachers!r} must map name -> Hub id / path, 'toyrooms_specialists' or 'none'")
@@ -82,6 +83,8 @@ def make_loader(recipe: Recipe, dataset: str, split: str, train: bool, tasks: li
         "shuffle_seed": seed if train and not recipe.streaming else None,
     }
     columns = task_columns(data)  # may read a row of a stream: once
+    if recipe.dataset == "toyrooms" and not recipe.streaming:  # small: its rows are opened once per process
+        data = OpenedRows(data, dataset, split)
     if recipe.stage == 1 and not columns:  # images only: any Hub image dataset, e.g. ImageNet-1k
         transform = partial(stage1_transform, train, recipe.image_size[0], seed)
         stream = ImageStream(data, transform, train=train, **split_args)

@@ -328,6 +328,19 @@ def test_matcher_is_optimal_against_brute_force(seed):
     assert (matched, total_pred, matched_gt, total_gt) == (len(pred_coords), pred.sum(), len(gt_coords), gt.sum())
 
 
+def test_a_component_whose_optimal_matching_is_not_a_largest_one_is_solved_exactly():
+    # 400 predicted pixels in a row, one pixel left of 400 ground-truth pixels; maxDist 1.5, so an unmatched pixel costs
+    # 150. Matching all 400 (distance 1 each) costs 400; matching the 399 pixel pairs that coincide costs 0 plus two
+    # unmatched pixels, 300: the optimum matches 399. The counts must not be taken from a largest matching here.
+    pred, gt = np.zeros((3, 410), dtype=bool), np.zeros((3, 410), dtype=bool)
+    pred[1, 0:400], gt[1, 1:401] = True, True
+    assert correspond_pixels(pred, gt, 1.5) == (399, 400, 399, 400)
+    assert len(match_edge_pixels(pred, gt, 1.5)[0]) == 399
+    # 150 pixels: matching all (150) beats the 149 coinciding pairs (300), so every pixel is matched
+    pred[1, 150:], gt[1, 151:] = False, False
+    assert correspond_pixels(pred, gt, 1.5) == (150, 150, 150, 150)
+
+
 def reference_nms(edges: np.ndarray, orientation: np.ndarray, radius=1, suppression=5, multiplier=1.01) -> np.ndarray:
     """Per-pixel loop transcription of the NMS rule, to check the vectorised version."""
     height, width = edges.shape

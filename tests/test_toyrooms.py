@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from datasets import Dataset, Features, Image, Value
 
-from modeling_sak.data.toyrooms import CLASSES, generate, render
+from modeling_sak.data import toyrooms
+from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
+from modeling_sak.data.toyrooms import CLASSES, OpenedRows, generate, render
+from modeling_sak.data.transforms import MultiTaskTransform
+from modeling_sak.prepare_dataset import make_toyrooms
 
 
 def test_scenes_are_a_pure_function_of_seed_and_index():
@@ -13,6 +19,16 @@ def test_scenes_are_a_pure_function_of_seed_and_index():
         np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["image"], c["image"])
     assert [s["id"] for s in generate(3, 5, 2, 16, 16)] == ["toyrooms-3-000005", "toyrooms-3-000006"]
+
+
+def test_scenes_rendered_in_worker_processes_are_the_same_in_the_same_order():
+    serial = list(generate(2, 10, 6, 24, 32, num_workers=1))
+    parallel = list(generate(2, 10, 6, 24, 32, num_workers=2))
+    assert [s["id"] for s in parallel] == [f"toyrooms-2-{i:06d}" for i in range(10, 16)]
+    for one, other in zip(serial, parallel):
+        assert one.keys() == other.keys()
+        for key in one:
+            np.testing.assert_array_equal(one[key], other[key])
 
 
 def test_labels_have_the_schema_types_and_ranges():
@@ -65,3 +81,37 @@ def test_class_balance_is_sane():
     share = counts / counts.sum()
     assert share.max() < 0.6 and share.min() > 0.005, dict(zip(CLASSES, share.round(3)))
     assert (present >= 10).all(), dict(zip(CLASSES, present))
+
+
+def test_opened_rows_give_the_batches_of_the_stored_rows_and_open_each_cell_once(tmp_path, monkeypatch):
+    folder = tmp_path / "toy"
+    make_toyrooms(folder, num_train=12, num_test=2, size=(16, 24), rows_per_shard=6)
+    opened_cells = []
+    real_opened = toyrooms._opened
+    monkeypatch.setattr(toyrooms, "_opened", lambda cell: opened_cells.append(cell) or real_opened(cell))
+    tasks = ["semseg", "normals", "edge", "depth"]
+    split = load_multitask_split(str(folder), "train", streaming=False, shuffle_buffer=1, seed=0)  # a shuffled view
+    transform = MultiTaskTransform(train=True, size=(16, 24), seed=0, scale_range=(0.8, 1.25), photometric=False)
+    for epoch in (0, 1):
+        stored = MultiTaskStream(split, transform, tasks, train=True, shuffle_seed=0, batch_size=4)
+        opened = MultiTaskStream(OpenedRows(split, folder, "train"), transform, tasks, train=True, shuffle_seed=0)
+        for stream in (stored, opened):
+            stream.set_epoch(epoch)
+        for one, other in zip(stored, opened, strict=True):
+            assert one["id"] == other["id"]
+            for key in ("pixel_values", *tasks):
+                assert torch.equal(one[key], other[key]), (epoch, one["id"], key)
+    assert len(opened_cells) == 12 * 6  # id, image and 4 labels, once per row for both epochs
+    # another view of the same split (fewer columns, another order) reuses the opened cells
+    view = OpenedRows(split.select_columns(["id", "image", "semseg"]).shuffle(seed=1), str(folder), "train")
+    assert sorted(view[i]["id"] for i in range(len(view))) == sorted(split["id"])
+    assert list(view[0]) == ["id", "image", "semseg"] and len(opened_cells) == 72
+
+    # a cell that cannot be opened is left for the stream to report as a skipped row, as it would be without caching
+    broken = Dataset.from_dict(
+        {"id": ["broken"], "image": [{"bytes": b"not an image", "path": None}]},
+        features=Features({"id": Value("string"), "image": Image(decode=False)}),
+    )
+    rows = OpenedRows(broken, tmp_path / "broken", "train")
+    [example] = list(MultiTaskStream(rows, MultiTaskTransform(train=False, size=(4, 4)), [], train=True))
+    assert example["skipped"].startswith("broken: row 'broken': cannot decode image")

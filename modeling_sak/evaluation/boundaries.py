@@ -44,7 +44,8 @@ Known differences from the MATLAB code:
   the candidate pairs from a KD-tree, with one private "unmatched" column per pixel of the smaller side. BSDS's CSA
   solver uses integer costs and a randomly sampled sparse outlier graph: it is randomised and finds slightly fewer
   matches. This formulation was measured within about 1e-4 ODS of BSDS `correspondPixels` on 5 images (about 0.002
-  higher on near-perfect maps).
+  higher on near-perfect maps). The counts need only the matching's size: components too small for a smaller
+  matching to cost less are counted by one Hopcroft-Karp run (`_matched_count`), the same numbers 5x faster.
 - Filtering, orientation and NMS run in float64 (MATLAB: single, in Dollar's SSE code); results can differ only
   where E * 255 lies within float rounding of a .5 tie of the 8-bit rounding.
 - Several ground-truth annotations per image (BSDS500) are not supported. On PASCAL-Context SEISM's G is the
@@ -392,6 +393,41 @@ def _optimal_matching(
     return pred_out[order], gt_out[order]
 
 
+def _matched_count(pred_index: np.ndarray, gt_index: np.ndarray, distance: np.ndarray, outlier_cost: float) -> int:
+    """How many pairs a minimum-cost one-to-one matching of the candidate pairs has (`_optimal_matching`'s size).
+
+    The count alone is cheaper than the matching. Matching m pairs costs the sum of their distances minus 2 x
+    outlier_cost x m (plus a constant), so in a connected component whose smaller side has k pixels, every matching of
+    fewer than the most pairs m* <= k costs more than a largest one whenever k x (largest distance) < 2 x outlier_cost
+    (with BSDS' outlier cost of 100 x maxDist: k < 200): every optimal matching is then a maximum-cardinality one, whose
+    size one Hopcroft-Karp run over all such components gives. Larger components are solved exactly as before.
+    """
+    if pred_index.size == 0:
+        return 0
+    preds, pred_local = _compact(pred_index)
+    gts, gt_local = _compact(gt_index)
+    n_pred, n_gt = preds.size, gts.size
+    graph = coo_matrix((np.ones(pred_local.size), (pred_local, n_pred + gt_local)), shape=(n_pred + n_gt,) * 2)
+    n_components, labels = connected_components(graph, directed=False)
+    pair_component = labels[pred_local]
+    smaller_side = np.minimum(
+        np.bincount(labels[:n_pred], minlength=n_components), np.bincount(labels[n_pred:], minlength=n_components)
+    )
+    # a relative margin far above float64 rounding of the assignment solver's sums
+    by_cardinality = (smaller_side * float(distance.max()) < 2 * outlier_cost * (1 - 1e-9))[pair_component]
+    count = 0
+    if by_cardinality.any():
+        weights = np.ones(int(by_cardinality.sum()), dtype=np.int8)
+        biadjacency = csr_matrix(
+            (weights, (pred_local[by_cardinality], gt_local[by_cardinality])), shape=(n_pred, n_gt)
+        )
+        count += int(np.count_nonzero(maximum_bipartite_matching(biadjacency, perm_type="column") >= 0))
+    if not by_cardinality.all():
+        hard = np.flatnonzero(~by_cardinality)
+        count += _optimal_matching(pred_local[hard], gt_local[hard], distance[hard], outlier_cost)[0].size
+    return count
+
+
 def match_edge_pixels(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
     """Optimal one-to-one matching of edge pixels within max_dist pixels; returns matched (K, 2) row/col coordinates.
 
@@ -407,10 +443,14 @@ def match_edge_pixels(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tupl
 
 
 def correspond_pixels(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> tuple[int, int, int, int]:
-    """BSDS correspondPixels counts: (matched_pred, total_pred, matched_gt, total_gt) for one-to-one matching."""
-    pred_coords, _ = match_edge_pixels(pred, gt, max_dist)
-    matched = len(pred_coords)
-    return matched, int(np.count_nonzero(pred)), matched, int(np.count_nonzero(gt))
+    """BSDS correspondPixels counts: (matched_pred, total_pred, matched_gt, total_gt) for one-to-one matching (the
+    size of `match_edge_pixels`' matching, counted as `boundary_counts` counts it)."""
+    pred_points, gt_points = np.argwhere(pred), np.argwhere(gt)
+    matched = 0
+    if pred_points.size and gt_points.size:
+        pred_index, gt_index, distance = _candidate_pairs(pred_points, gt_points, max_dist)
+        matched = _matched_count(pred_index, gt_index, distance, OUTLIER_COST * max_dist)
+    return matched, len(pred_points), matched, len(gt_points)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -498,7 +538,7 @@ def _counts_at_thresholds(
                 pred_points = np.argwhere(binary & near_gt)
                 if pred_points.size:
                     pred_index, gt_index, distance = _candidate_pairs(pred_points, gt_points, max_dist, gt_tree)
-                    matched = _optimal_matching(pred_index, gt_index, distance, OUTLIER_COST * max_dist)[0].size
+                    matched = _matched_count(pred_index, gt_index, distance, OUTLIER_COST * max_dist)
             timings["thin"] = timings.get("thin", 0.0) + middle - start
             timings["match"] = timings.get("match", 0.0) + time.perf_counter() - middle
             cache[kept] = (matched, total)
