@@ -636,7 +636,26 @@ class SAKForMultiTask(SAKPreTrainedModel):
         return model
 
 
-class SAKForSemanticSegmentation(SAKForMultiTask):
+class _SAKSingleTaskModel(SAKForMultiTask):
+    """What the single-task heads share: the config must have their task, and `forward` runs only that task's router
+    and head (same weights as [`SAKForMultiTask`])."""
+
+    task: str
+
+    def __init__(self, config: SAKConfig):
+        _check_task(type(self).__name__, self.task, config)
+        super().__init__(config)
+
+    def _forward_task(self, pixel_values: torch.Tensor, labels: torch.Tensor | None) -> tuple:
+        """`(the task's output (batch_size, channels, height, width), its loss or None, the stem's hidden states)`."""
+        hidden_states, _, task_outputs, _, _ = self._predict(pixel_values, [self.task])
+        loss = None
+        if labels is not None:
+            loss = task_losses_of(self.config, task_outputs, {self.task: labels})[self.task]
+        return task_outputs[self.task], loss, hidden_states
+
+
+class SAKForSemanticSegmentation(_SAKSingleTaskModel):
     """The semantic segmentation head of a multi-task SAK, in transformers' form: the same weights as
     [`SAKForMultiTask`] (a checkpoint of either loads into the other), but `forward` runs only the `semseg` router and
     head and returns a `SemanticSegmenterOutput`. `AutoModelForSemanticSegmentation` and transformers'
@@ -646,10 +665,6 @@ class SAKForSemanticSegmentation(SAKForMultiTask):
     """
 
     task = "semseg"
-
-    def __init__(self, config: SAKConfig):
-        _check_task(type(self).__name__, self.task, config)
-        super().__init__(config)
 
     def forward(
         self,
@@ -673,17 +688,14 @@ class SAKForSemanticSegmentation(SAKForMultiTask):
         `pixel_values` (not reduced, unlike most segmentation models).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden_states, _, task_outputs, _, _ = self._predict(pixel_values, [self.task])
-        loss = None
-        if labels is not None:
-            loss = task_losses_of(self.config, task_outputs, {self.task: labels})[self.task]
+        logits, loss, hidden_states = self._forward_task(pixel_values, labels)
         output = SemanticSegmenterOutput(
-            loss=loss, logits=task_outputs[self.task], hidden_states=hidden_states if output_hidden_states else None
+            loss=loss, logits=logits, hidden_states=hidden_states if output_hidden_states else None
         )
         return output if return_dict else output.to_tuple()
 
 
-class SAKForDepthEstimation(SAKForMultiTask):
+class SAKForDepthEstimation(_SAKSingleTaskModel):
     """The depth head of a multi-task SAK, in transformers' form: the same weights as [`SAKForMultiTask`], but
     `forward` runs only the `depth` router and head and returns a `DepthEstimatorOutput`.
     `AutoModelForDepthEstimation` and transformers' "depth-estimation" pipeline load it from any SAK checkpoint with a
@@ -693,10 +705,6 @@ class SAKForDepthEstimation(SAKForMultiTask):
     """
 
     task = "depth"
-
-    def __init__(self, config: SAKConfig):
-        _check_task(type(self).__name__, self.task, config)
-        super().__init__(config)
 
     def forward(
         self,
@@ -720,15 +728,10 @@ class SAKForDepthEstimation(SAKForMultiTask):
         `pixel_values` and not clamped (the image processor's `post_process_depth_estimation` clamps at 0).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden_states, _, task_outputs, _, _ = self._predict(pixel_values, [self.task])
-        loss = None
-        if labels is not None:
-            labels = labels[:, None] if labels.dim() == 3 else labels
-            loss = task_losses_of(self.config, task_outputs, {self.task: labels})[self.task]
+        labels = labels[:, None] if labels is not None and labels.dim() == 3 else labels
+        depth, loss, hidden_states = self._forward_task(pixel_values, labels)
         output = DepthEstimatorOutput(
-            loss=loss,
-            predicted_depth=task_outputs[self.task][:, 0],
-            hidden_states=hidden_states if output_hidden_states else None,
+            loss=loss, predicted_depth=depth[:, 0], hidden_states=hidden_states if output_hidden_states else None
         )
         return output if return_dict else output.to_tuple()
 

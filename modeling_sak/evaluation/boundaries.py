@@ -349,6 +349,20 @@ def _assignment(
     return p_nodes[pred_matched], g_nodes[gt_matched]
 
 
+def _candidate_components(pred_index: np.ndarray, gt_index: np.ndarray) -> tuple:
+    """The candidate pairs' graph split into connected components (independent matching problems): `(preds, gts,
+    pred_local, gt_local, pair_component, pred_per_component, gt_per_component)`, with pixels renumbered 0.. per side
+    (`preds[pred_local]` is `pred_index`) and each pair's component."""
+    preds, pred_local = _compact(pred_index)
+    gts, gt_local = _compact(gt_index)
+    n_pred, n_gt = preds.size, gts.size
+    graph = coo_matrix((np.ones(pred_local.size), (pred_local, n_pred + gt_local)), shape=(n_pred + n_gt,) * 2)
+    n_components, labels = connected_components(graph, directed=False)
+    pred_per_component = np.bincount(labels[:n_pred], minlength=n_components)
+    gt_per_component = np.bincount(labels[n_pred:], minlength=n_components)
+    return preds, gts, pred_local, gt_local, labels[pred_local], pred_per_component, gt_per_component
+
+
 def _optimal_matching(
     pred_index: np.ndarray, gt_index: np.ndarray, distance: np.ndarray, outlier_cost: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -358,17 +372,12 @@ def _optimal_matching(
     """
     if pred_index.size == 0:
         return pred_index, gt_index
-    preds, pred_local = _compact(pred_index)
-    gts, gt_local = _compact(gt_index)
-    n_pred, n_gt = preds.size, gts.size
-    # Split the candidate graph into connected components, which are independent problems: a component with a single
-    # pixel on one side is solved by its shortest pair (matching it always beats two outlier costs); the others are
-    # solved one by one, since scipy's LAPJVsp costs about rows x columns per call on rectangular problems.
-    graph = coo_matrix((np.ones(pred_local.size), (pred_local, n_pred + gt_local)), shape=(n_pred + n_gt,) * 2)
-    n_components, labels = connected_components(graph, directed=False)
-    pair_component = labels[pred_local]
-    pred_per_component = np.bincount(labels[:n_pred], minlength=n_components)
-    gt_per_component = np.bincount(labels[n_pred:], minlength=n_components)
+    # Components are independent problems: a component with a single pixel on one side is solved by its shortest pair
+    # (matching it always beats two outlier costs); the others are solved one by one, since scipy's LAPJVsp costs
+    # about rows x columns per call on rectangular problems.
+    preds, gts, pred_local, gt_local, pair_component, pred_per_component, gt_per_component = _candidate_components(
+        pred_index, gt_index
+    )
     trivial = (pred_per_component[pair_component] == 1) | (gt_per_component[pair_component] == 1)
 
     matched_pred, matched_gt = [np.zeros(0, dtype=np.intp)], [np.zeros(0, dtype=np.intp)]
@@ -404,15 +413,11 @@ def _matched_count(pred_index: np.ndarray, gt_index: np.ndarray, distance: np.nd
     """
     if pred_index.size == 0:
         return 0
-    preds, pred_local = _compact(pred_index)
-    gts, gt_local = _compact(gt_index)
-    n_pred, n_gt = preds.size, gts.size
-    graph = coo_matrix((np.ones(pred_local.size), (pred_local, n_pred + gt_local)), shape=(n_pred + n_gt,) * 2)
-    n_components, labels = connected_components(graph, directed=False)
-    pair_component = labels[pred_local]
-    smaller_side = np.minimum(
-        np.bincount(labels[:n_pred], minlength=n_components), np.bincount(labels[n_pred:], minlength=n_components)
+    preds, gts, pred_local, gt_local, pair_component, pred_per_component, gt_per_component = _candidate_components(
+        pred_index, gt_index
     )
+    n_pred, n_gt = preds.size, gts.size
+    smaller_side = np.minimum(pred_per_component, gt_per_component)
     # a relative margin far above float64 rounding of the assignment solver's sums
     by_cardinality = (smaller_side * float(distance.max()) < 2 * outlier_cost * (1 - 1e-9))[pair_component]
     count = 0
