@@ -171,7 +171,9 @@ def train(
             epoch, batch_in_epoch = epoch + 1, 0
     progress.close()
     if skipped_rows:
-        logger.warning(f"{skipped_rows} training rows were skipped (undecodable or mismatched labels)")
+        logger.warning(
+            f"{skipped_rows} training rows were skipped (undecodable or mismatched labels)", main_process_only=False
+        )
     if recipe.checkpointing_steps == 0 or step % recipe.checkpointing_steps:
         state = training_state(step, epoch, batch_in_epoch, loss_history, lr_history)
         save_checkpoint(accelerator, output_dir, step, state, recipe.checkpoints_total_limit)
