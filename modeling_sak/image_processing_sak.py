@@ -158,22 +158,18 @@ class SAKImageProcessor(BaseImageProcessor):
     ):
         super().__init__(**kwargs)
         self.do_resize = do_resize
-        self.size = self._check_size(size, "size") if size is not None else None
+        self.size = size
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
         self.image_mean = list(image_mean if image_mean is not None else IMAGENET_DEFAULT_MEAN)
         self.image_std = list(image_std if image_std is not None else IMAGENET_DEFAULT_STD)
         self.do_pad = do_pad
-        self.pad_size = self._check_size(pad_size or {"height": 448, "width": 576}, "pad_size")
-        if pad_mode not in PAD_MODES:
-            raise ValueError(f"pad_mode={pad_mode!r} is not one of {list(PAD_MODES)}")
+        self.pad_size = pad_size or {"height": 448, "width": 576}
         self.pad_mode = pad_mode
-        if not isinstance(size_divisor, int) or size_divisor <= 0:
-            raise ValueError(f"size_divisor={size_divisor!r} must be a positive int (the stem's patch size)")
         self.size_divisor = size_divisor
-        if do_resize and self.size is None:
-            raise ValueError('do_resize=True needs size={"height": ..., "width": ...}')
+        checked = self._call_options({})  # one rule set for the saved options and the per-call ones
+        self.size, self.pad_size = checked["size"], checked["pad_size"]
 
     @staticmethod
     def _check_size(size, name: str) -> dict[str, int]:
