@@ -11,9 +11,11 @@ relative-position tables drawn with std 0.02 too (transformers initialises them 
 through `SAKTeachers` exactly as Hub teachers are. Input: a batch at the NYUD-v2 training size 448 x 576 (SAM resizes
 and pads it to 1024 x 1024). For each dtype and teacher, runs alternate between `fast_path=False` (transformers'
 forward) and `fast_path=True` on the same teacher, after one warm-up of each; medians are reported with the maps'
-maximum relative error (max |fast - transformers| / max |transformers| over the levels). The cores of a shared machine
-may be busy: repeat, compare the medians, and read the ratio more than the seconds. Results go to
-bench/results/teachers_forward.json.
+maximum relative error (max |fast - transformers| / max |transformers| over the levels). For SAM the fast path is
+also timed with its relative-position bias switched off: the same linear layers, norms and attention kernels with no
+bias at all, a floor for any exact path, so transformers' time over it bounds the speed-up such a path can reach. The
+cores of a shared machine may be busy: repeat, compare the medians, and read the ratio more than the seconds. Results
+go to bench/results/teachers_forward.json.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
 
 from modeling_sak import SAKConfig
+from modeling_sak.teacher_fast_path import transformer_blocks
 from modeling_sak.teachers import SAKTeachers
 
 
@@ -93,6 +96,26 @@ def build_teachers(root: Path, width: int, layers: int, names: list[str]) -> dic
     return specs
 
 
+def without_relative_position_bias(teacher, x: torch.Tensor, repeats: int) -> list[float]:
+    """Seconds of the fast path with SAM's relative-position bias switched off (plain SDPA attention, other results):
+    the blocks' linear layers, norms and attention kernels that any exact path must run too, so transformers' time
+    over this one bounds the speed-up an exact path can reach with these kernels."""
+    attentions = [block.attn for block in transformer_blocks(teacher.model, "sam")]
+    teacher.fast_path, seconds = True, []
+    try:
+        for attention in attentions:
+            attention.use_rel_pos = False
+        for run in range(repeats + 1):
+            start = time.perf_counter()
+            teacher(x)
+            if run:
+                seconds.append(time.perf_counter() - start)
+    finally:
+        for attention in attentions:
+            attention.use_rel_pos = True
+    return seconds
+
+
 def relative_error(fast: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(fast, reference))
 
@@ -130,6 +153,10 @@ def main() -> None:
                             maps[path] = teacher(x)
                             if run:  # run 0 is the warm-up
                                 times[path].append(time.perf_counter() - start)
+                    if name == "sam":  # a floor for any exact path: the same blocks with unbiased attention
+                        times["fast_without_relative_position_bias"] = without_relative_position_bias(
+                            teacher, x, args.repeats
+                        )
                 median = {path: statistics.median(values) for path, values in times.items()}
                 references.setdefault(name, maps["transformers"])
                 results[f"{name}/{dtype_name}"] = {
@@ -138,15 +165,32 @@ def main() -> None:
                     "speedup_fast_over_transformers": median["transformers"] / median["fast"],
                     "max_relative_error_fast_vs_transformers": relative_error(maps["fast"], maps["transformers"]),
                     "max_relative_error_fast_vs_float32_transformers": relative_error(maps["fast"], references[name]),
+                    # transformers' own rounding in this dtype, for comparison
+                    "max_relative_error_transformers_vs_float32_transformers": relative_error(
+                        maps["transformers"], references[name]
+                    ),
                     "grid": list(maps["fast"][0].shape[-2:]),
                 }
                 row = results[f"{name}/{dtype_name}"]
+                if "fast_without_relative_position_bias" in median:
+                    row["speedup_bound_transformers_over_unbiased"] = (
+                        median["transformers"] / median["fast_without_relative_position_bias"]
+                    )
                 print(
                     f"{name:7s} {dtype_name:9s} transformers {median['transformers']:7.2f} s   fast "
                     f"{median['fast']:7.2f} s   {row['speedup_fast_over_transformers']:.2f}x   max rel. error "
-                    f"{row['max_relative_error_fast_vs_transformers']:.1e}",
+                    f"{row['max_relative_error_fast_vs_transformers']:.1e}; vs float32 transformers: fast "
+                    f"{row['max_relative_error_fast_vs_float32_transformers']:.1e}, transformers "
+                    f"{row['max_relative_error_transformers_vs_float32_transformers']:.1e}",
                     flush=True,
                 )
+                if "speedup_bound_transformers_over_unbiased" in row:
+                    print(
+                        f"{'':17s} fast without the relative-position bias "
+                        f"{median['fast_without_relative_position_bias']:7.2f} s: an exact path is at most "
+                        f"{row['speedup_bound_transformers_over_unbiased']:.2f}x faster than transformers",
+                        flush=True,
+                    )
             del committee
     result = {
         "date": date.today().isoformat(),

@@ -195,6 +195,21 @@ def test_fast_path_runs_nothing_after_the_last_level(kind, teacher_dirs):
     assert_same_maps(fast, reference, 1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_path_blocks_read_row_major_tokens(kind, teacher_dirs):
+    """SAM's and SigLIP's patch embeddings are a permuted view of a convolution's output; carried through the residual
+    stream, that layout made every layernorm copy and every add read strided memory (SAM-B bfloat16 on 2 CPU cores:
+    3.4 s instead of 1.6 s). Every block of the fast path receives row-major tokens."""
+    teacher = load_teacher(kind, str(teacher_dirs / kind), out_indices=[0, 1, 2, 3])
+    layouts = []
+    for block in transformer_blocks(teacher.model, teacher.family):
+        first = block.layer_norm1 if teacher.family == "sam" else block  # the fast path runs SAM's blocks piecewise
+        first.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    with torch.inference_mode():
+        teacher(torch.randn(1, 3, 64, 96))
+    assert layouts == [True] * 4
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["dinov2_registers", "clip", "siglip", "sam"])
 def test_fast_path_in_half_precision_is_finite_and_close(kind, dtype, teacher_dirs):
