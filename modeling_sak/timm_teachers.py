@@ -123,6 +123,11 @@ def timm_teacher_shape(name: str, model_id: str, cache_dir: str | None = None, *
     return {"hidden_size": model.embed_dim, "num_hidden_layers": _depth(name, model)}
 
 
+def _row_major(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the module's output copied to the row-major layout (same values)."""
+    return output.contiguous()
+
+
 class TimmTeacher(FrozenTeacher):
     """One frozen timm teacher: the model with final norm / head / neck and unused blocks pruned, its
     `forward_intermediates` at `out_indices` (no norm, no prefix tokens), float32 `(B, C_t, h_t, w_t)` maps."""
@@ -146,6 +151,10 @@ class TimmTeacher(FrozenTeacher):
         # What the reference removes (norm=None / neck=None), plus the blocks past the last level: same outputs.
         if callable(getattr(model, "prune_intermediate_layers", None)):
             model.prune_intermediate_layers(self.out_indices, prune_norm=True, prune_head=True)
+        # timm's SAM (NHWC) and ViTs without a class token (SigLIP) pass the blocks a permuted view of the patch
+        # convolution's output, a layout every residual add keeps, so that every norm copies it and every add strides
+        # (as in transformers, see teacher_fast_path.block_outputs). Made row-major once: the same values, less time.
+        model.patch_embed.register_forward_hook(_row_major)
         self.patch_size = tuple(model.patch_embed.patch_size)
         self.dynamic = bool(getattr(model, "dynamic_img_size", False))
         self.native_size = tuple(model.patch_embed.img_size)

@@ -314,6 +314,19 @@ def test_timm_path_equals_the_reference_construction_exactly(kind, saved):
             assert torch.equal(value, expected), (kind, size)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_timm_teacher_blocks_read_row_major_tokens(kind, saved):
+    """timm's SAM hands its blocks a channels-last view of the patch convolution's output, a layout the residual adds
+    keep (every norm then copies and every add strides); the teacher makes it row-major once, for every family."""
+    teacher = load_teacher(kind, str(saved[kind][0]), out_indices=LEVELS)
+    layouts = []
+    for block in teacher.model.blocks:
+        block.register_forward_pre_hook(lambda module, args: layouts.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        teacher(torch.randn(1, 3, *SIZES[0]))
+    assert layouts and all(layouts)
+
+
 def test_timm_committee_from_config_dtypes_fingerprint_and_widths(saved):
     folders = {"dinov2": saved["dinov2"][0], "clip": saved["clip_timm"][0], "sam": saved["sam"][0]}
     specs = teacher_widths({name: str(path) for name, path in folders.items()})
