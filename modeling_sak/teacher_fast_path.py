@@ -172,8 +172,8 @@ def block_outputs(
         hidden_states = tower.embeddings(pixel_values, **embedding_kwargs)
     # SAM's and SigLIP's patch embeddings are a channels-first convolution's output seen as tokens (a permuted view),
     # and every residual add keeps that layout: each layernorm would copy it and each add would read strided memory
-    # (transformers' own forward spends about half of SAM-B's bfloat16 time so). One copy to the row-major layout
-    # gives the same values; tensors already row-major (the families that prepend a class token) are not copied.
+    # (about half of this path's SAM-B bfloat16 time before this copy). One copy to the row-major layout gives the
+    # same values; tensors already row-major (the families that prepend a class token) are not copied.
     hidden_states = hidden_states.contiguous()
     if family == "clip":
         hidden_states = tower.pre_layrnorm(hidden_states)
