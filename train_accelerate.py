@@ -38,9 +38,9 @@ from modeling_sak.training import (
     check_finite,
     distributed_without_gpu,
     make_loader,
+    make_optimizer,
     make_scheduler,
     merge_lora,
-    parameter_groups,
     resolve_checkpoint,
     resolve_data_and_teachers,
     save_checkpoint,
@@ -96,7 +96,7 @@ def train(
         teachers = SAKTeachers.from_config(config, dtype=getattr(torch, recipe.teacher_dtype)).to(accelerator.device)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay), lr=recipe.learning_rate)
+    optimizer = make_optimizer(model, recipe.learning_rate, recipe.weight_decay)
     scheduler = make_scheduler(
         optimizer, recipe.lr_scheduler, recipe.max_steps, recipe.warmup_steps, recipe.poly_power
     )
@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator(
         cpu=distributed_without_gpu(),  # several processes without a GPU: gloo on the CPU
         mixed_precision=recipe.mixed_precision,
+        dynamo_backend="inductor" if recipe.torch_compile else None,  # compiles the student in prepare()
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
         step_scheduler_with_optimizer=False,  # train() steps the schedule once per optimizer step itself
         log_with=recipe.report_to.split(",") if recipe.report_to else None,

@@ -116,6 +116,8 @@ def train_worker(job: dict) -> dict:
     """`steps` stage-2 steps on one fixed batch in `precision` (fp16 or bf16), as train_accelerate.py runs them."""
     from accelerate import Accelerator
 
+    from modeling_sak.training import make_optimizer
+
     precision, settings = job["precision"], job["settings"]
     device = torch.device(job["device"])
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -123,7 +125,7 @@ def train_worker(job: dict) -> dict:
     by_hand = precision == "fp16" and device.type == "cpu"
     accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no" if by_hand else precision)
     model, teachers, fast = stage2_models(settings["image_size"], accelerator.device, settings["shape"])
-    base_optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=1e-6)
+    base_optimizer = make_optimizer(model, settings["learning_rate"], 1e-6)  # fused AdamW, as train_accelerate.py
     model, optimizer = accelerator.prepare(model, base_optimizer)
     scaler = torch.amp.GradScaler(device.type) if by_hand else accelerator.scaler
     autocast_by_hand = torch.autocast(device.type, dtype=amp_dtype) if by_hand else contextlib.nullcontext()
@@ -223,7 +225,7 @@ def ddp_worker(job: dict) -> dict | None:
     """One stage-2 step in each of the torchrun processes (different data per rank); rank 0 reports."""
     from accelerate import Accelerator
 
-    from modeling_sak.training import distributed_without_gpu
+    from modeling_sak.training import distributed_without_gpu, make_optimizer
 
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
@@ -233,7 +235,7 @@ def ddp_worker(job: dict) -> dict | None:
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # as train_accelerate.py
     before = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"], weight_decay=1e-6)
+    optimizer = make_optimizer(model, settings["learning_rate"], 1e-6)
     model, optimizer = accelerator.prepare(model, optimizer)
     pixel_values, labels = fixed_batch(settings, accelerator.device, seed=SEED + 10 * accelerator.process_index)
     loss, parts = stage2_step(model, teachers, optimizer, accelerator, pixel_values, labels, SEED + 4)
@@ -263,12 +265,14 @@ def memory_worker(job: dict) -> dict:
     """One bf16 stage-2 step of a configuration in this fresh process: its peak memory."""
     from accelerate import Accelerator
 
+    from modeling_sak.training import make_optimizer
+
     settings = job["settings"]
     accelerator = Accelerator(cpu=job["device"] == "cpu", mixed_precision="bf16")
     model, teachers, _ = stage2_models(settings["memory_size"], accelerator.device, **job["shape"])
     parameters = sum(p.numel() for p in model.parameters())
     teacher_parameters = sum(p.numel() for p in teachers.teachers.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["learning_rate"])
+    optimizer = make_optimizer(model, settings["learning_rate"], 0.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch = {**settings, "image_size": settings["memory_size"]}
     pixel_values, labels = fixed_batch(batch, accelerator.device)

@@ -9,7 +9,8 @@ configuration; nothing is downloaded). Every configuration runs in a fresh subpr
 (`ru_maxrss`) is its own; configurations alternate over `--rounds` rounds of `--repeats` timed runs each (after one
 warm-up run), and the median over all timed runs is reported.
 
-(a) inference at 448x576, batch 1 and 4: `fp32` (the default eager path), `fp32+autocast` (eager under bf16 autocast),
+(a) inference at 448x576, batch 1 and 4: `fp32` (the default eager path), `fp32-plain-heads` (the same with
+    `head_implementation="plain"`: resize, then conv, as the reference), `fp32+autocast` (eager under bf16 autocast),
     `fast-fp32` (`optimize_for_inference(dtype=None)`: the exact reorganisations alone), `fast` (`optimize_for_inference()`,
     bfloat16), and with `--compile` `fast+compile` (compile time reported separately);
 (b) a stage-2 training step (3 teachers under inference mode + student forward/backward + gradient clipping + AdamW
@@ -46,7 +47,7 @@ import torch
 import torch.utils.flop_counter
 
 
-INFERENCE_VARIANTS = ("fp32", "fp32+autocast", "fast-fp32", "fast")
+INFERENCE_VARIANTS = ("fp32", "fp32-plain-heads", "fp32+autocast", "fast-fp32", "fast")
 TRAINING_VARIANTS = ("fp32", "bf16-teachers", "bf16-teachers+autocast")
 TEACHERS = ("dinov2", "clip", "sam")
 
@@ -144,20 +145,37 @@ def student_groups(model) -> dict[str, list[torch.nn.Module]]:
     }
 
 
+# FLOPs of one bilinear output value: four weighted inputs (4 multiplies, 3 adds, counted as 4 multiply-adds); the
+# backward scatters each output gradient to four inputs at the same cost. torch's counter has no formula for either.
+BILINEAR_FLOPS_PER_OUTPUT = 8
+
+
 def flop_counter():
-    """`FlopCounterMode` that also counts the CPU flash-attention kernels (not registered in torch)."""
+    """`FlopCounterMode` that also counts what torch's registry lacks on the CPU: the flash-attention kernels (as
+    torch counts the CUDA ones) and bilinear resizing with its backward (`BILINEAR_FLOPS_PER_OUTPUT` per output
+    value of the forward). Everything else heavy (matmuls, convolutions, their backwards) torch counts itself."""
+    import math
+
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    def attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query, key, value)
 
-    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
         return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    def bilinear(*args, out_shape=None, **kwargs) -> int:
+        return BILINEAR_FLOPS_PER_OUTPUT * math.prod(out_shape)
+
+    def bilinear_backward(grad_output, *args, out_shape=None, **kwargs) -> int:
+        return BILINEAR_FLOPS_PER_OUTPUT * math.prod(grad_output)
 
     aten = torch.ops.aten
     mapping = {
-        aten._scaled_dot_product_flash_attention_for_cpu: forward,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+        aten._scaled_dot_product_flash_attention_for_cpu: attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward,
+        aten.upsample_bilinear2d: bilinear,
+        aten.upsample_bilinear2d_backward: bilinear_backward,
     }
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
@@ -193,6 +211,9 @@ def inference_worker(job: dict) -> dict:
     model = build_student(size, job["seed"]).eval()
     rss_model = peak_rss_mib()
     autocast = variant == "fp32+autocast"
+    if variant == "fp32-plain-heads":  # the reference's head arithmetic: resize, then the 3x3 conv
+        for head in model.heads.values():
+            head.low_resolution_conv = False
     if variant.startswith("fast"):
         model.optimize_for_inference(
             dtype=None if variant == "fast-fp32" else torch.bfloat16, compile=variant == "fast+compile"
@@ -247,7 +268,9 @@ def training_worker(job: dict) -> dict:
     teacher_dtype = torch.float32 if variant == "fp32" else torch.bfloat16
     teachers = build_teachers(job["seed"] + 2, teacher_dtype)
     autocast = variant == "bf16-teachers+autocast"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-6)
+    from modeling_sak.training import make_optimizer
+
+    optimizer = make_optimizer(model, 2e-5, 1e-6)  # as train_accelerate.py
     pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(job["seed"] + 1))
     labels = nyud_labels(batch, *size, seed=job["seed"] + 3)
     rss_model = peak_rss_mib()

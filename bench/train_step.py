@@ -10,9 +10,11 @@ NYUD-v2 tasks, all with random weights built from transformers configs at a real
 is downloaded). Two variants:
 
 - `fp32-eager`: float32 teachers with `fast_path=False`, eager (explicit softmax) attention in teachers and student,
-  `mixed_precision="no"`;
+  `mixed_precision="no"`, the reference's head arithmetic (`head_implementation="plain"`) and AdamW's per-parameter
+  loop;
 - `fast`: bfloat16 teachers with `fast_path=True`, SDPA attention, `mixed_precision="bf16"` (the student's forward
-  under bf16 autocast as accelerate applies it; float32 master weights and optimizer).
+  under bf16 autocast as accelerate applies it; float32 master weights), the default low-resolution heads and
+  `make_optimizer`'s fused AdamW, as `train_accelerate.py` trains.
 
 Every (size, variant) runs in a fresh subprocess (its peak memory is its own: `ru_maxrss` on CPU,
 `torch.cuda.max_memory_allocated` on CUDA): one warm-up step, during which FLOPs are counted per part with
@@ -264,7 +266,14 @@ def worker(job: dict) -> dict:
         device=accelerator.device,
         seed=seed + 2,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-6)
+    if fast:  # the optimizer of train_accelerate.py: fused AdamW over the training parameter groups
+        from modeling_sak.training import make_optimizer
+
+        optimizer = make_optimizer(model, 2e-5, 1e-6)
+    else:  # the reference's arithmetic: resize-then-conv heads, the per-parameter AdamW loop
+        for head in model.heads.values():
+            head.low_resolution_conv = False
+        optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-6, foreach=False)
     model, optimizer = accelerator.prepare(model, optimizer)
     pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
     pixel_values = pixel_values.to(accelerator.device)
@@ -310,8 +319,9 @@ def worker(job: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------- parent
-def run_job(job: dict, threads: int) -> dict:
-    """`worker(job)` in a fresh process with `threads` intra-op threads, importing this checkout's modeling_sak."""
+def run_job(job: dict, threads: int, script: str = __file__) -> dict:
+    """`script --worker JOB` (default: this benchmark's `worker(job)`) in a fresh process with `threads` intra-op
+    threads, importing this checkout's modeling_sak; the worker writes its result to `--worker_result`."""
     path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     env = os.environ | {
         "OMP_NUM_THREADS": str(threads),
@@ -320,7 +330,7 @@ def run_job(job: dict, threads: int) -> dict:
         "PYTHONPATH": path,
     }
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result_file:
-        command = [sys.executable, __file__, "--worker", json.dumps(job), "--worker_result", result_file.name]
+        command = [sys.executable, script, "--worker", json.dumps(job), "--worker_result", result_file.name]
         subprocess.run(command, env=env, check=True)
         return json.loads(Path(result_file.name).read_text())
 

@@ -19,8 +19,10 @@ SUPPORTED_STEM_TYPES = ("vit", "dinov2", "dinov2_with_registers")
 
 RouterType = Literal["mor", "none"]
 DistillLossType = Literal["cos+l1", "cos", "l2"]
+HeadImplementation = Literal["low_resolution", "plain"]
 ROUTER_TYPES = get_args(RouterType)
 DISTILL_LOSS_TYPES = get_args(DistillLossType)
+HEAD_IMPLEMENTATIONS = get_args(HeadImplementation)
 
 # Task losses (DESIGN section 2); a task's default is the task table's (`tasks_sak.TASKS`) when `task_loss_types`
 # names none.
@@ -151,6 +153,11 @@ class SAKConfig(PreTrainedConfig):
             `"cos+l1"` (0.9 cosine + 0.1 smooth L1), `"cos"` or `"l2"`.
         distill_alpha (`float`, *optional*, defaults to 1.0):
             Weight of the distillation total in the stage-2 loss.
+        head_implementation (`str`, *optional*, defaults to `"low_resolution"`):
+            How the task heads compute their bilinear resize + 3x3 conv: `"low_resolution"` on the patch grid
+            (`fast_path_sak.resized_conv3x3`, about 1/11 of the FLOPs at ViT-B width) or `"plain"`, resize then conv
+            as the reference code does. The same function, parameters and checkpoints either way (equal up to
+            floating-point rounding).
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label value ignored by every task loss.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -184,6 +191,7 @@ class SAKConfig(PreTrainedConfig):
     edge_pos_weight: float = 0.95
     distill_loss_type: DistillLossType = "cos+l1"
     distill_alpha: float = 1.0
+    head_implementation: HeadImplementation = "low_resolution"
     semantic_loss_ignore_index: int = IGNORE_INDEX
     initializer_range: float = 0.02
 
@@ -264,6 +272,10 @@ class SAKConfig(PreTrainedConfig):
             )
         if self.router_type not in ROUTER_TYPES:
             raise ValueError(f"router_type={self.router_type!r} is not one of {list(ROUTER_TYPES)}")
+        if self.head_implementation not in HEAD_IMPLEMENTATIONS:
+            raise ValueError(
+                f"head_implementation={self.head_implementation!r} is not one of {list(HEAD_IMPLEMENTATIONS)}"
+            )
         if self.distill_loss_type not in DISTILL_LOSS_TYPES:
             raise ValueError(f"distill_loss_type={self.distill_loss_type!r} is not one of {list(DISTILL_LOSS_TYPES)}")
         if not self.use_aligners:

@@ -1,9 +1,6 @@
-"""The deployed (inference-only) form of SAK's task heads, made by `SAKForMultiTask.optimize_for_inference()`.
-
-A [`SAKDeployedTaskHead`] computes the function of a `SAKTaskHead` in eval mode in fewer operations: the BatchNorm
-folded into the 3x3 conv once, at deployment; the level projections written side by side into one channels-last map
-resized once; and, on large enough patch grids, the bilinear x4 resize + 3x3 conv computed on the patch grid by
-[`upsampled_conv3x3`] with per-phase kernels derived once from the folded conv.
+"""Task-head arithmetic of SAK: the bilinear resize + 3x3 conv computed on the patch grid ([`resized_conv3x3`], used
+by `SAKTaskHead` in training and at inference), and the deployed (inference-only) head made by
+`SAKForMultiTask.optimize_for_inference()` ([`SAKDeployedTaskHead`]: BatchNorm folded into the conv).
 """
 
 from __future__ import annotations
@@ -15,129 +12,89 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# Below this many patch positions per batch the deployed head resizes and convolves as `SAKTaskHead` does. Measured
-# end to end for a bfloat16 ViT-B SAK on one AVX-512 core: with the low-resolution conv 4.08 s instead of 4.85 s at
-# 448x576 (1008 positions), 1.07 s instead of 1.15 s at 224x288 (252), 0.38 s instead of 0.31 s at 112x144 (63).
-LOW_RESOLUTION_CONV_MIN_POSITIONS = 128
+@functools.lru_cache(maxsize=64)
+def bilinear_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """`(out_size, in_size)` float64 matrix of the bilinear resize along one axis, as `F.interpolate(...,
+    size=..., mode="bilinear", align_corners=False)` computes it (edge clamping included): row `y` holds the weights
+    of the inputs of output `y`."""
+    # Cached, so made as a normal tensor even under inference mode: autograd may save it in a later training step.
+    with torch.inference_mode(False), torch.no_grad():
+        identity = torch.eye(in_size, dtype=torch.float64).view(in_size, 1, in_size, 1)
+        return F.interpolate(identity, size=(out_size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T
 
 
-@functools.lru_cache(maxsize=16)
-def _bilinear_window_coefficients(scale: int) -> tuple[torch.Tensor, tuple[tuple[int, int, int, int], ...]]:
-    """What a 3-tap window over an exact x`scale` bilinear upsampling (align_corners=False) reads, per output phase.
+@functools.lru_cache(maxsize=64)
+def _tap_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
+    """`[A_0 | A_1 | A_2]` of shape `(out_size, 3 * in_size)` (float64) for one axis.
 
-    Returns `coefficients` of shape `(scale, 3, 3)` (float64), where `coefficients[q, d, k]` is the weight of the
-    low-resolution offset `k - 1` in the upsampled value that window tap `d - 1` reads for an output pixel
-    `scale * i + q`, and the phase groups `(q_start, q_stop, k_start, k_stop)`: consecutive phases whose windows read
-    the same low-resolution offsets `k_start - 1 .. k_stop - 2` (for scale 4: 2, 3, 3 and 2 offsets).
+    `A_d[y, i]` is the weight of input position `i` in the value that a 3-tap window (zero padding 1) reads at tap
+    `d` for output position `y`: the bilinear resize ([`bilinear_resize_matrix`]) read at `y + d - 1`, and 0 where
+    that falls outside `[0, out_size)` (the conv's zero padding).
     """
-    n = 5  # the windows around the middle row 2 stay clear of the borders for every phase and scale
-    signals = torch.eye(n, dtype=torch.float64).unsqueeze(1)
-    upsampling = F.interpolate(signals, size=scale * n, mode="linear", align_corners=False)[:, 0].T  # (scale*n, n)
-    middle = n // 2
-    coefficients = torch.stack(
-        [
-            torch.stack([upsampling[scale * middle + q + d - 1, middle - 1 : middle + 2] for d in range(3)])
-            for q in range(scale)
-        ]
-    )
-    groups: list[tuple[int, int, int, int]] = []
-    for q in range(scale):
-        used = coefficients[q].abs().sum(0).nonzero().flatten().tolist()
-        reads = (used[0], used[-1] + 1)
-        if groups and groups[-1][2:] == reads:
-            groups[-1] = (groups[-1][0], q + 1, *reads)
-        else:
-            groups.append((q, q + 1, *reads))
-    return coefficients, tuple(groups)
+    with torch.inference_mode(False), torch.no_grad():
+        padded = F.pad(bilinear_resize_matrix(in_size, out_size), (0, 0, 1, 1))  # rows -1 and out_size read zeros
+        return torch.cat([padded[d : d + out_size] for d in range(3)], dim=1)
 
 
-def upsampled_conv3x3_kernels(weight: torch.Tensor, scale: tuple[int, int]) -> list[tuple[tuple, tuple, torch.Tensor]]:
-    """The low-resolution kernels of [`upsampled_conv3x3`] for a `(out_channels, in_channels, 3, 3)` conv weight.
-
-    One entry per (row phase group, column phase group): `((qy0, qy1, ky0, ky1), (qx0, qx1, kx0, kx1), kernel)` with
-    `kernel` of shape `(out_channels * (qy1 - qy0) * (qx1 - qx0), in_channels, ky1 - ky0, kx1 - kx0)` (output channels
-    ordered (channel, row phase, column phase)), channels-last in memory, in the weight's dtype (float32 weights are
-    combined in float32, float64 in float64; under autocast the matmul's dtype). Differentiable in `weight`.
-    """
-    coefficients_y, groups_y = _bilinear_window_coefficients(scale[0])
-    coefficients_x, groups_x = _bilinear_window_coefficients(scale[1])
-    out_channels, in_channels = weight.shape[:2]
-    # (O, 9, C): the weight with its taps in the middle, so that each kernel comes out channels-last in one matmul.
-    taps = weight.permute(0, 2, 3, 1).reshape(out_channels, 9, in_channels)
-    kernels = []
-    for qy0, qy1, ky0, ky1 in groups_y:
-        for qx0, qx1, kx0, kx1 in groups_x:
-            # mixing[a, b, k, l, d, e]: weight of tap (d, e) in the kernel of phase (a, b) at low-resolution offset (k, l)
-            mixing = torch.einsum(
-                "adk,bel->abklde", coefficients_y[qy0:qy1, :, ky0:ky1], coefficients_x[qx0:qx1, :, kx0:kx1]
-            )
-            phases, rows, columns = (qy1 - qy0) * (qx1 - qx0), ky1 - ky0, kx1 - kx0
-            kernel = torch.matmul(mixing.reshape(-1, 9).to(taps), taps)  # (O, phases * rows * columns, C)
-            kernel = kernel.view(out_channels * phases, rows, columns, in_channels).permute(0, 3, 1, 2)
-            kernels.append(((qy0, qy1, ky0, ky1), (qx0, qx1, kx0, kx1), kernel))
-    return kernels
+def resize_channels_last(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (`align_corners=False`) of a `(batch_size, h, w, C)` map to `(batch_size, *size, C)` as two
+    matmuls with [`bilinear_resize_matrix`]: the same values as `F.interpolate` on the `(B, C, h, w)` view (up to
+    rounding), with a matmul's backward instead of the resize kernel's channels-last one (several times slower on
+    CPU). Differentiable in `features`; runs in its dtype."""
+    batch, h, w, channels = features.shape
+    rows = bilinear_resize_matrix(h, size[0]).to(features.device, features.dtype)
+    columns = bilinear_resize_matrix(w, size[1]).to(features.device, features.dtype)
+    resized = torch.matmul(columns, features.reshape(batch * h, w, channels))  # (B * h, W, C)
+    return torch.matmul(rows, resized.view(batch, h, size[1] * channels)).view(batch, *size, channels)
 
 
-def upsampled_conv3x3(
-    features: torch.Tensor,
-    weight: torch.Tensor,
-    scale: tuple[int, int],
-    kernels: list[tuple[tuple, tuple, torch.Tensor]] | None = None,
+def resized_conv3x3(
+    tokens: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
-    """`F.conv2d(F.interpolate(features, scale_factor=scale, mode="bilinear"), weight, padding=1)` (no bias), computed
-    on the low-resolution grid without materialising the upsampled map.
+    """`F.conv2d(F.interpolate(x, size=size, mode="bilinear", align_corners=False), weight, padding=1)` (no bias) for
+    the map `x` whose pixels are `tokens`, computed without the conv at the resized resolution.
 
-    Every output pixel `(scale_y * i + qy, scale_x * j + qx)` of the upsampled conv is a small conv of the
-    low-resolution map around `(i, j)` whose kernel depends only on the phase `(qy, qx)`: bilinear weights folded into
-    the 3x3 weight. Phases that read the same low-resolution neighbourhood share one conv call. For scale 4 that is
-    100 instead of 144 kernel taps per 4x4 output block (31% fewer FLOPs). Mathematically exact, including the
-    borders: the low-resolution map is replicate-padded (which reproduces bilinear's edge clamping), and the conv's
-    zero padding is restored by subtracting what the 3x3 windows along the image border read from that extension.
+    The resize acts on each channel and the conv mixes channels per tap, so with `A_d` the resize matrices of
+    [`_tap_resize_matrix`] along rows (`d = dy`) and columns (`d = dx`)
+
+        conv3x3(resize(x), W)[o] = sum over (dy, dx) of A_dy @ (W[:, :, dy, dx] @ x)[o] @ A_dx^T
+
+    i.e. one matmul with `9 * out_channels` outputs on the patch grid, then one matmul per axis with the stacked
+    `A_d`. Exact for any `grid` and `size` (borders, non-integer and down-scaling included); for a x4 resize it does
+    about 1/11 of the conv's FLOPs at ViT-B width. Differentiable in `tokens` and `weight`; runs in their dtype (the
+    matmul dtype under autocast).
 
     Args:
-        features: `(batch_size, in_channels, height, width)`.
+        tokens: `(batch_size, h * w, in_channels)`, the map's pixels row by row (a channels-last map).
+        grid: `(h, w)`.
         weight: `(out_channels, in_channels, 3, 3)`.
-        scale: integer upsampling factors `(scale_y, scale_x)`.
-        kernels: precomputed [`upsampled_conv3x3_kernels`] of `weight` (computed here when not given).
+        size: `(height, width)` of the resized map and of the output.
 
     Returns:
-        `(batch_size, out_channels, scale_y * height, scale_x * width)`, channels-last in memory.
+        `(batch_size, height, width, out_channels)` (channels-last; `.permute(0, 3, 1, 2)` gives the NCHW view).
     """
-    if kernels is None:
-        kernels = upsampled_conv3x3_kernels(weight, scale)
-    batch, _, height, width = features.shape
-    out_channels = weight.shape[0]
-    padded = F.pad(features, (1, 1, 1, 1), mode="replicate")
-    phases = None
-    for (qy0, qy1, ky0, ky1), (qx0, qx1, kx0, kx1), kernel in kernels:
-        part = F.conv2d(padded[:, :, ky0 : ky1 - 1 + height, kx0 : kx1 - 1 + width], kernel)
-        if phases is None:  # (batch, row, row phase, column, column phase, channel): channels-last once viewed
-            phases = part.new_empty(batch, height, scale[0], width, scale[1], out_channels)
-        part = part.view(batch, out_channels, qy1 - qy0, qx1 - qx0, height, width)
-        phases[:, :, qy0:qy1, :, qx0:qx1] = part.permute(0, 4, 2, 5, 3, 1)
-    size = (height * scale[0], width * scale[1])
-    output = phases.view(batch, *size, out_channels).permute(0, 3, 1, 2)
-    # The phase convs read the upsampled map extended by replication where the reference conv reads zeros: subtract
-    # what the border windows read from that ring. Bilinear's first/last upsampled row (column) is the upsampled
-    # first/last low-resolution row (column); the ring's corners belong to its top and bottom rows.
-    first, last = slice(0, 1), slice(-1, None)
-    for side, kernel_rows in ((first, slice(0, 1)), (last, slice(2, 3))):
-        row = F.interpolate(features[:, :, side], size=(1, size[1]), mode="bilinear", align_corners=False)
-        ring = F.conv2d(F.pad(row, (1, 1, 0, 0), mode="replicate"), weight[:, :, kernel_rows])
-        output[:, :, side] -= ring.to(output.dtype)
-    for side, kernel_columns in ((first, slice(0, 1)), (last, slice(2, 3))):
-        column = F.interpolate(features[..., side], size=(size[0], 1), mode="bilinear", align_corners=False)
-        ring = F.conv2d(F.pad(column, (0, 0, 1, 1)), weight[..., kernel_columns])
-        output[..., side] -= ring.to(output.dtype)
-    return output
-
-
-def low_resolution_scale(patch_size: tuple[int, int]) -> tuple[int, int] | None:
-    """The integer factor from the patch grid to the heads' 1/4-resolution grid, `patch_size / 4`, when both sides
-    have one above 1 (patch 16: `(4, 4)`); None otherwise (e.g. patch 14), where the resize stays explicit."""
-    scale = (patch_size[0] // 4, patch_size[1] // 4)
-    exact = all(p % 4 == 0 for p in patch_size) and max(scale) > 1 and min(scale) >= 1
-    return scale if exact else None
+    batch, positions, in_channels = tokens.shape
+    (h, w), (height, width), out_channels = grid, size, weight.shape[0]
+    if positions != h * w or weight.shape[1:] != (in_channels, 3, 3):
+        raise ValueError(
+            f"resized_conv3x3: tokens {tuple(tokens.shape)} and weight {tuple(weight.shape)} do not fit grid {grid}; "
+            "expected tokens (batch, h * w, in_channels) and weight (out_channels, in_channels, 3, 3)"
+        )
+    device = tokens.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if autocast:  # cast once, before the transpose (else autocast casts the transposed copy)
+        weight = weight.to(torch.get_autocast_dtype(device))
+    # Rows (o, dy, dx): per output channel a (C, 9) -> (9, C) transpose, cache-friendly (moving O innermost instead,
+    # a transpose of the whole (O, 9 C) matrix, took 24x longer on CPU).
+    taps = weight.view(out_channels, in_channels, 9).transpose(1, 2).reshape(9 * out_channels, in_channels)
+    per_tap = F.linear(tokens, taps).view(batch, h, w, out_channels, 3, 3)  # (B, i, j, o, dy, dx)
+    per_tap = per_tap.permute(0, 4, 1, 2, 5, 3)  # (B, dy, i, j, dx, o)
+    rows = _tap_resize_matrix(h, height).to(per_tap.device, per_tap.dtype)  # columns (dy, i)
+    resized_rows = torch.matmul(rows, per_tap.reshape(batch, 3 * h, w * 3 * out_channels))  # (B, height, j dx o)
+    columns = _tap_resize_matrix(w, width).view(width, 3, w).transpose(1, 2).reshape(width, 3 * w)  # columns (j, dx)
+    columns = columns.to(resized_rows.device, resized_rows.dtype)
+    output = torch.matmul(columns, resized_rows.view(batch * height, w * 3, out_channels))  # (B * height, width, O)
+    return output.view(batch, height, width, out_channels)
 
 
 def fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,30 +115,24 @@ class SAKDeployedTaskHead(nn.Module):
     """A `SAKTaskHead` deployed for inference: the same function as the head in eval mode, in fewer operations.
 
     It keeps the head's modules (so the state dict keeps its keys and values) and adds, outside the state dict, the
-    folded conv (`folded_weight` channels-last, `folded_bias`) and, when `low_resolution_scale` is given, the phase
-    kernels of [`upsampled_conv3x3`] (`phase_kernel_{i}`, about 11x the conv weight's memory), all in `dtype` (None:
-    the conv's). The folded conv and norm are frozen: gradients still reach the inputs, the projections and the
-    classifier, never the fold. Inference only: a forward in training mode raises.
+    folded conv (`folded_weight`, `folded_bias`) in `dtype` (None: the conv's). With `low_resolution_conv` the resize
+    + conv run as [`resized_conv3x3`], else as resize then conv. The folded conv and norm are frozen: gradients still
+    reach the inputs, the projections and the classifier, never the fold. Inference only: a forward in training mode
+    raises.
     """
 
-    def __init__(self, head: nn.Module, dtype: torch.dtype | None, low_resolution_scale: tuple[int, int] | None):
+    def __init__(self, head: nn.Module, dtype: torch.dtype | None, low_resolution_conv: bool = True):
         super().__init__()
         self.level_projections = head.level_projections
         self.fuse_conv = head.fuse_conv.requires_grad_(False)
         self.fuse_norm = head.fuse_norm.requires_grad_(False)
         self.activation = head.activation
         self.classifier = head.classifier
+        self.low_resolution_conv = low_resolution_conv
         dtype = dtype or self.fuse_conv.weight.dtype
         weight, bias = fold_batch_norm(self.fuse_conv, self.fuse_norm)
-        self.register_buffer(
-            "folded_weight", weight.to(dtype).contiguous(memory_format=torch.channels_last), persistent=False
-        )
+        self.register_buffer("folded_weight", weight.to(dtype), persistent=False)
         self.register_buffer("folded_bias", bias.to(dtype), persistent=False)
-        self.low_resolution_scale = low_resolution_scale
-        kernels = upsampled_conv3x3_kernels(weight, low_resolution_scale) if low_resolution_scale else []
-        self.phase_groups = tuple((rows, columns) for rows, columns, _ in kernels)
-        for index, (*_, kernel) in enumerate(kernels):
-            self.register_buffer(f"phase_kernel_{index}", kernel.detach().to(dtype), persistent=False)
 
     def forward(
         self, level_features: list[torch.Tensor], grid: tuple[int, int], output_size: tuple[int, int]
@@ -195,25 +146,21 @@ class SAKDeployedTaskHead(nn.Module):
         quarter = (output_size[0] // 4, output_size[1] // 4)
         # (B, h * w, C) tokens side by side are a (B, C, h, w) map in channels-last memory: one copy, no transposes.
         projected = torch.cat([projection(f) for projection, f in zip(self.level_projections, level_features)], dim=-1)
-        projected = projected.view(batch, *grid, -1).permute(0, 3, 1, 2)
-        if self._reads_the_patch_grid(batch, grid, quarter):
-            kernels = [(*group, getattr(self, f"phase_kernel_{i}")) for i, group in enumerate(self.phase_groups)]
-            fused = upsampled_conv3x3(projected, self.folded_weight, self.low_resolution_scale, kernels)
-            fused = fused.add_(self.folded_bias.to(fused.dtype)[:, None, None])
+        if self.low_resolution_conv:
+            fused = resized_conv3x3(projected, grid, self.folded_weight, quarter).permute(0, 3, 1, 2)
+            fused = fused + self.folded_bias.to(fused.dtype)[:, None, None]
         else:
+            projected = projected.view(batch, *grid, -1).permute(0, 3, 1, 2)
             upsampled = F.interpolate(projected, size=quarter, mode="bilinear", align_corners=False)
             fused = F.conv2d(upsampled, self.folded_weight, self.folded_bias, padding=1)
         logits = self.classifier(self.activation(fused)).contiguous()
         return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
 
-    def _reads_the_patch_grid(self, batch: int, grid: tuple[int, int], quarter: tuple[int, int]) -> bool:
-        """Whether the low-resolution conv applies: kernels for this scale, an exact integer upsampling, and enough
-        positions (on small grids reading the ~11x larger phase kernels costs more than the FLOPs saved)."""
-        return (
-            self.low_resolution_scale is not None
-            and (self.low_resolution_scale[0] * grid[0], self.low_resolution_scale[1] * grid[1]) == quarter
-            and batch * grid[0] * grid[1] >= LOW_RESOLUTION_CONV_MIN_POSITIONS
-        )
 
-
-__all__ = ["SAKDeployedTaskHead", "fold_batch_norm", "upsampled_conv3x3", "upsampled_conv3x3_kernels"]
+__all__ = [
+    "SAKDeployedTaskHead",
+    "bilinear_resize_matrix",
+    "fold_batch_norm",
+    "resize_channels_last",
+    "resized_conv3x3",
+]

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .configuration_sak import SAKConfig
+from .fast_path_sak import resize_channels_last
 from .tasks_sak import IGNORE_INDEX
 
 
@@ -136,22 +137,48 @@ def match_feature_grids(student: torch.Tensor, teacher: torch.Tensor) -> tuple[t
     return student, teacher
 
 
+def _cosine_distance(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """`F.cosine_embedding_loss(student.flatten(1), teacher.flatten(1), ones)` (the mean over the batch of `1 - cos`,
+    eps 1e-12 on each squared norm as torch has it), reduced over (C, h, w) in place: no flattening copy whatever
+    the maps' memory layout."""
+    dims = tuple(range(1, student.dim()))
+    dot = (student * teacher).sum(dims)
+    norms = ((student * student).sum(dims) + 1e-12) * ((teacher * teacher).sum(dims) + 1e-12)
+    return (1 - dot / norms.sqrt()).mean()
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: str = "cos+l1") -> torch.Tensor:
-    """Loss between one student map and one teacher map, both (B, C, h, w) (grids matched first).
+    """Loss between one student map and one teacher map, both (B, C, h, w) (grids matched first,
+    [`match_feature_grids`]).
 
     "cos+l1": 0.9 * (1 - cos) of the per-sample flattened maps, averaged over the batch, + 0.1 * SmoothL1 (beta 1,
-    mean); "cos": the cosine term alone; "l2": mean squared error.
+    mean); "cos": the cosine term alone; "l2": mean squared error. Every term is a mean or a per-sample sum over all
+    elements, so it does not depend on the memory layout: a channels-last teacher map (as SAM's, whose tokens are
+    row-major) is compared in that layout, with the student resized as tokens (`resize_channels_last`), and no map is
+    copied at the teacher's resolution.
     """
-    student, teacher = match_feature_grids(student.float(), teacher.float())
+    student, teacher = student.float(), teacher.float()
+    if _is_channels_last(teacher) and teacher.shape[-2] > student.shape[-2]:
+        teacher = teacher.permute(0, 2, 3, 1)  # (B, H, W, C), row-major
+        student = resize_channels_last(student.permute(0, 2, 3, 1).contiguous(), teacher.shape[1:3])
+    else:  # row-major at the student's small grid, then the reference's grid rule
+        student, teacher = match_feature_grids(student.contiguous(), teacher)
     if loss_type == "l2":
         return F.mse_loss(student, teacher)
-    target = student.new_ones(student.shape[0])
-    cosine = F.cosine_embedding_loss(student.flatten(1), teacher.flatten(1), target)
+    cosine = _cosine_distance(student, teacher)
     if loss_type == "cos":
         return cosine
     if loss_type == "cos+l1":
         return 0.9 * cosine + 0.1 * F.smooth_l1_loss(student, teacher, beta=1.0)
     raise ValueError(f"distill_loss_type={loss_type!r} is not one of ['cos+l1', 'cos', 'l2']")
+
+
+def _is_channels_last(features: torch.Tensor) -> bool:
+    return (
+        features.dim() == 4
+        and features.is_contiguous(memory_format=torch.channels_last)
+        and not features.is_contiguous()
+    )
 
 
 def sak_loss(

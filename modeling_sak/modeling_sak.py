@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, logging
 
 from .configuration_sak import SAKConfig
-from .fast_path_sak import SAKDeployedTaskHead, low_resolution_scale
+from .fast_path_sak import SAKDeployedTaskHead, resized_conv3x3
 from .losses import sak_loss, task_losses_of
 
 
@@ -324,13 +324,16 @@ class SAKTaskHead(nn.Module):
     """Light decoder of one task over the level features.
 
     Per level `Linear(C, C/4)` on tokens, bilinear resize to 1/4 of the input size, concatenation, then
-    `Conv3x3 -> BatchNorm -> GELU -> Conv1x1(num_outputs)` and a bilinear resize to the input size.
+    `Conv3x3 -> BatchNorm -> GELU -> Conv1x1(num_outputs)` and a bilinear resize to the input size. With
+    `config.head_implementation="low_resolution"` (the default) the resize + 3x3 conv run on the patch grid
+    ([`resized_conv3x3`], the same function in about 1/11 of the FLOPs); `"plain"` resizes, then convolves.
     [`SAKForMultiTask.optimize_for_inference`] replaces it by a [`SAKDeployedTaskHead`] computing the same function.
     """
 
     def __init__(self, config: SAKConfig, num_outputs: int):
         super().__init__()
         width = config.hidden_size
+        self.low_resolution_conv = config.head_implementation == "low_resolution"
         self.level_projections = nn.ModuleList(nn.Linear(width, width // 4) for _ in config.out_indices)
         fused = len(config.out_indices) * (width // 4)
         self.fuse_conv = nn.Conv2d(fused, width, kernel_size=3, padding=1)
@@ -343,12 +346,21 @@ class SAKTaskHead(nn.Module):
     ) -> torch.Tensor:
         """One `(batch_size, h * w, C)` map per level -> `(batch_size, num_outputs, *output_size)`."""
         quarter = (output_size[0] // 4, output_size[1] // 4)
-        maps = []
-        for projection, feature in zip(self.level_projections, level_features):
-            projected = projection(feature).transpose(1, 2).reshape(feature.shape[0], -1, *grid)
-            maps.append(F.interpolate(projected, size=quarter, mode="bilinear", align_corners=False))
-        fused = self.activation(self.fuse_norm(self.fuse_conv(torch.cat(maps, dim=1))))
-        return F.interpolate(self.classifier(fused), size=output_size, mode="bilinear", align_corners=False)
+        if self.low_resolution_conv:
+            projected = torch.cat([proj(feature) for proj, feature in zip(self.level_projections, level_features)], -1)
+            fused = resized_conv3x3(projected, grid, self.fuse_conv.weight, quarter).permute(0, 3, 1, 2)
+            fused = fused + self.fuse_conv.bias.to(fused.dtype)[:, None, None]
+        else:
+            maps = []
+            for projection, feature in zip(self.level_projections, level_features):
+                projected = projection(feature).transpose(1, 2).reshape(feature.shape[0], -1, *grid)
+                maps.append(F.interpolate(projected, size=quarter, mode="bilinear", align_corners=False))
+            fused = self.fuse_conv(torch.cat(maps, dim=1))
+        fused = self.activation(self.fuse_norm(fused))
+        # From a channels-last `fused` the classifier's output is channels-last too: made row-major while it is small,
+        # so that the full-resolution logits and the losses over them read row-major memory (as the plain head's).
+        logits = self.classifier(fused).contiguous()
+        return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
 
 
 class SAKPreTrainedModel(PreTrainedModel):
@@ -565,18 +577,17 @@ class SAKForMultiTask(SAKPreTrainedModel):
 
         Switches to eval mode, replaces every task head by a [`SAKDeployedTaskHead`] (the same function in fewer
         operations: BatchNorm folded into the conv, and with `low_resolution_conv` the resize + 3x3 conv computed on
-        the patch grid, whose kernels take about 11x the conv's memory: +470 MB for ViT-B in bfloat16), casts the
-        parameters and buffers to `dtype` (`None` keeps them) and, with `compile=True`, compiles the stem, adapter
-        paths and routers in place with `nn.Module.compile` (each new input shape compiles first: tens of seconds).
+        the patch grid by [`resized_conv3x3`]), casts the parameters and buffers to `dtype` (`None` keeps them) and,
+        with `compile=True`, compiles the stem, adapter paths and routers in place with `nn.Module.compile` (each new
+        input shape compiles first: tens of seconds).
 
         Deployed heads are inference-only (training mode raises; the folded conv and norm are frozen) and see later
         weight changes only after another call. The state dict keeps its keys and unfolded values, so
         `save_pretrained` afterwards writes an ordinary checkpoint (in `dtype`); call this again after loading. In
         bfloat16 expect relative errors of about 1e-2 against float32 (bench/speed.py).
         """
-        scale = low_resolution_scale(self.config.patch_size) if low_resolution_conv else None
         self.heads = nn.ModuleDict(
-            {task: SAKDeployedTaskHead(head, dtype, scale) for task, head in self.heads.items()}
+            {task: SAKDeployedTaskHead(head, dtype, low_resolution_conv) for task, head in self.heads.items()}
         )
         self.eval()
         if dtype is not None:

@@ -133,6 +133,16 @@ class Recipe:
     poly_power: float = _field(0.9, "power of the polynomial decay")
     max_grad_norm: float = _field(10.0, "gradient clipping norm (0: off)")
     mixed_precision: Literal["no", "fp16", "bf16"] = _field("no", "mixed precision of the student")
+    head_implementation: Literal["low_resolution", "plain"] = _field(
+        "low_resolution",
+        "how the task heads compute their resize + 3x3 conv: 'low_resolution' on the patch grid (the same function, "
+        "about 0.3x the student's training FLOPs) or 'plain' (resize, then conv, as the reference code)",
+    )
+    torch_compile: bool = _field(
+        False,
+        "compile the student for training with torch.compile (Accelerate's dynamo_backend='inductor'); the first "
+        "steps compile (minutes on a CPU); measured slower than eager on a 2-core CPU (README, Speed)",
+    )
     eval_steps: int = _field(0, "evaluate every N steps (0: only at the end)")
     checkpointing_steps: int = _field(100, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int = _field(2, "keep the last K checkpoints")

@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from conftest import TINY_IMAGE_SIZE, nyud_labels, tiny_config
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak import fast_path_sak as fast_path
-from modeling_sak.fast_path_sak import SAKDeployedTaskHead, fold_batch_norm, upsampled_conv3x3
+from modeling_sak.fast_path_sak import SAKDeployedTaskHead, fold_batch_norm
 from modeling_sak.modeling_sak import SAKTaskHead, mix_experts
 
 
 def make_model(**overrides) -> SAKForMultiTask:
-    """A tiny model whose heads have non-trivial BatchNorm statistics (fresh ones fold to the identity)."""
+    """A tiny model whose heads have non-trivial BatchNorm statistics (fresh ones fold to the identity) and, unless
+    `overrides` say otherwise, plain heads (resize, then conv, as the reference): the deployed heads are compared
+    with the reference's arithmetic."""
+    overrides.setdefault("head_implementation", "plain")
     model = SAKForMultiTask(tiny_config(**overrides)).eval()
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -34,38 +36,10 @@ def image(batch=2, size=TINY_IMAGE_SIZE, seed=0):
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(params=["low_resolution_conv", "resize_then_conv"])
-def head_route(request, monkeypatch):
-    """Run a test through both routes of the deployed head: tiny grids are below the low-resolution conv's threshold."""
-    if request.param == "low_resolution_conv":
-        monkeypatch.setattr(fast_path, "LOW_RESOLUTION_CONV_MIN_POSITIONS", 0)
+@pytest.fixture(params=[True, False], ids=["low_resolution_conv", "resize_then_conv"])
+def head_route(request):
+    """`low_resolution_conv` of `optimize_for_inference`: each test runs through both routes of the deployed head."""
     return request.param
-
-
-@pytest.mark.parametrize(
-    "scale, size", [((4, 4), (4, 6)), ((4, 4), (1, 1)), ((2, 2), (3, 5)), ((3, 3), (2, 4)), ((4, 2), (3, 2))]
-)
-def test_upsampled_conv3x3_equals_resize_then_conv_with_its_gradients(scale, size):
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 6, *size, dtype=torch.float64, generator=generator, requires_grad=True)
-    weight = torch.randn(5, 6, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
-    upsampled_size = (size[0] * scale[0], size[1] * scale[1])
-    reference = F.conv2d(
-        F.interpolate(x, size=upsampled_size, mode="bilinear", align_corners=False), weight, padding=1
-    )
-    fast = upsampled_conv3x3(x, weight, scale)
-    torch.testing.assert_close(fast, reference, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn(reference.shape, dtype=torch.float64, generator=generator)
-    expected = torch.autograd.grad((reference * upstream).sum(), (x, weight))
-    actual = torch.autograd.grad((fast * upstream).sum(), (x, weight))
-    for a, e in zip(actual, expected):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
-
-
-def test_upsampled_conv3x3_reads_100_instead_of_144_taps_per_4x4_block():
-    kernels = fast_path.upsampled_conv3x3_kernels(torch.randn(5, 6, 3, 3), (4, 4))
-    assert sum(kernel.shape[0] // 5 * kernel.shape[2] * kernel.shape[3] for *_, kernel in kernels) == 100
-    assert len(kernels) == 9
 
 
 def test_folded_batch_norm_equals_conv_then_norm_in_float32():
@@ -96,7 +70,7 @@ def test_mix_experts_equals_the_old_left_to_right_sum_and_its_gradients():
 @pytest.mark.parametrize("overrides", [{}, {"router_type": "none"}, {"teachers": {}}, {"noisy_gating": False}])
 def test_deployed_model_in_float32_equals_the_default_path(overrides, head_route):
     model = make_model(**overrides)
-    fast = copy.deepcopy(model).optimize_for_inference(dtype=None)
+    fast = copy.deepcopy(model).optimize_for_inference(dtype=None, low_resolution_conv=head_route)
     assert all(isinstance(head, SAKDeployedTaskHead) for head in fast.heads.values())
     assert all(isinstance(head, SAKTaskHead) for head in model.heads.values())
     with torch.no_grad():
@@ -129,7 +103,7 @@ def test_training_under_bf16_autocast_stays_close_to_float32():
 
 def test_optimize_for_inference_in_bfloat16_stays_close_to_float32(head_route):
     model = make_model()
-    fast = copy.deepcopy(model).optimize_for_inference()
+    fast = copy.deepcopy(model).optimize_for_inference(low_resolution_conv=head_route)
     assert not fast.training and fast.dtype == torch.bfloat16
     assert fast.heads["depth"].folded_weight.dtype == torch.bfloat16
     for size in [TINY_IMAGE_SIZE, (128, 160)]:
@@ -146,19 +120,19 @@ def test_optimize_for_inference_in_bfloat16_stays_close_to_float32(head_route):
 def test_weights_changed_after_deployment_reach_the_heads_by_deploying_again(head_route):
     """Deployment is one-way: the fold is taken once; deploying again takes the changed weights."""
     model = make_model()
-    fast = copy.deepcopy(model).optimize_for_inference(dtype=None)
+    fast = copy.deepcopy(model).optimize_for_inference(dtype=None, low_resolution_conv=head_route)
     x = image(2)
     with torch.no_grad():
         fast(x)
         for candidate in (model, fast):  # in place, as an optimizer step would
             candidate.heads["depth"].fuse_norm.running_var.mul_(2.0)
             candidate.heads["depth"].fuse_conv.weight.add_(0.1)
-        fast.optimize_for_inference(dtype=None)
+        fast.optimize_for_inference(dtype=None, low_resolution_conv=head_route)
         torch.testing.assert_close(fast(x).task_outputs["depth"], model(x).task_outputs["depth"], rtol=1e-5, atol=1e-5)
         state = {k: v + 0.01 if k.endswith("fuse_conv.bias") else v for k, v in model.state_dict().items()}
         model.load_state_dict(state)
         fast.load_state_dict(state)  # the deployed model keeps the state-dict keys of the model
-        fast.optimize_for_inference(dtype=None)
+        fast.optimize_for_inference(dtype=None, low_resolution_conv=head_route)
         torch.testing.assert_close(fast(x).task_outputs["edge"], model(x).task_outputs["edge"], rtol=1e-5, atol=1e-5)
 
 
@@ -199,7 +173,7 @@ def test_eval_mode_gradients_of_a_deployed_model_equal_the_default_paths(head_ro
     """Gradients through the deployed heads (e.g. for saliency or fine-tuning the rest) are the default path's, for
     every parameter that still trains; the folded conv and norm are frozen, never served stale."""
     model = make_model()
-    fast = copy.deepcopy(model).optimize_for_inference(dtype=None)
+    fast = copy.deepcopy(model).optimize_for_inference(dtype=None, low_resolution_conv=head_route)
     x = image(2, (128, 160))
     for candidate in (model, fast):
         candidate(x).task_outputs["normals"].square().mean().backward()
@@ -215,7 +189,7 @@ def test_eval_mode_gradients_of_a_deployed_model_equal_the_default_paths(head_ro
 
 def test_a_deployed_model_first_run_in_inference_mode_serves_gradients_for_the_input(head_route):
     model = make_model().requires_grad_(False)
-    fast = copy.deepcopy(model).optimize_for_inference(dtype=None)
+    fast = copy.deepcopy(model).optimize_for_inference(dtype=None, low_resolution_conv=head_route)
     x = image(2, (128, 160))
     with torch.inference_mode():
         fast(x)
@@ -232,7 +206,7 @@ def test_deploying_under_inference_mode_works_as_predict_does(head_route):
     x = image(2, (128, 160))
     with torch.inference_mode():
         expected = model(x).task_outputs
-        fast = copy.deepcopy(model).optimize_for_inference(dtype=None)
+        fast = copy.deepcopy(model).optimize_for_inference(dtype=None, low_resolution_conv=head_route)
         actual = fast(x).task_outputs
     for task in expected:
         torch.testing.assert_close(actual[task], expected[task], rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config
 
 from modeling_sak.losses import (
@@ -79,6 +80,30 @@ def test_distillation_cos_l1_and_l2_variants():
     assert distillation_loss(s, t, "cos").item() == pytest.approx((0.0 + 1.0) / 2)
     with pytest.raises(ValueError, match="distill_loss_type"):
         distillation_loss(s, t, "kl")
+
+
+@pytest.mark.parametrize("teacher_grid", [(16, 16), (4, 6), (3, 4)])
+@pytest.mark.parametrize("teacher_layout", ["row-major", "channels-last"])
+def test_distillation_loss_is_torchs_composition_in_any_memory_layout(teacher_grid, teacher_layout):
+    """The loss equals 0.9 * F.cosine_embedding_loss of the flattened maps + 0.1 * F.smooth_l1_loss after the grid
+    rule (the reference's composition), with its gradient, for student maps seen from tokens (channels-last strides,
+    as the model makes them) and teacher maps of either layout, at a larger, equal and smaller teacher grid."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(2, 4 * 6, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    student = tokens.transpose(1, 2).reshape(2, 8, 4, 6)  # as SAKForMultiTask._student_features makes it
+    teacher = torch.randn(2, 8, *teacher_grid, dtype=torch.float64, generator=generator)
+    if teacher_layout == "channels-last":
+        teacher = teacher.contiguous(memory_format=torch.channels_last)
+    s, t = match_feature_grids(student, teacher)
+    cosine = F.cosine_embedding_loss(s.flatten(1), t.flatten(1), torch.ones(2, dtype=torch.float64))
+    expected = 0.9 * cosine + 0.1 * F.smooth_l1_loss(s, t, beta=1.0)
+    actual = distillation_loss(student, teacher, "cos+l1")
+    assert actual.dtype == torch.float32  # losses are computed in float32 (module docstring)
+    actual = distillation_loss(student, teacher.float(), "cos+l1")
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-6, atol=0)
+    (expected_gradient,) = torch.autograd.grad(expected, tokens)
+    (gradient,) = torch.autograd.grad(actual, tokens)
+    torch.testing.assert_close(gradient.double(), expected_gradient, rtol=1e-5, atol=1e-9)
 
 
 def test_grid_rule_resizes_the_student_only_when_the_teacher_is_taller():

@@ -465,3 +465,41 @@ def test_a_lora_run_saves_merged_weights_that_reload_with_no_missing_keys_and_th
     resumed = run(tiny_args(assets, output, *common, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
     assert "at step 3" in resumed.stdout
     assert load_file(output / "final" / "model.safetensors").keys() == saved.keys()
+
+
+@pytest.mark.slow
+def test_the_head_implementation_key_trains_the_same_function_and_torch_compile_trains_too(assets, tmp_path):
+    """`--head_implementation plain` reaches the saved config and trains the same parameters as the default (within
+    float32 rounding over a few steps); `--torch_compile true` compiles the student through Accelerate and trains
+    the same parameters."""
+    finals = {}
+    for name, extra in {
+        "default": [],
+        "plain": ["--head_implementation", "plain"],
+        "compiled": ["--torch_compile", "true"],
+    }.items():
+        # No gating noise: compiled code draws its random numbers from another generator.
+        run(
+            tiny_args(
+                assets, tmp_path / name, "--max_steps", "3", "--eval_split", "", "--noisy_gating", "false", *extra
+            )
+        )
+        final = tmp_path / name / "final"
+        config = json.loads((final / "config.json").read_text())
+        assert config["head_implementation"] == ("plain" if name == "plain" else "low_resolution"), name
+        finals[name] = load_file(final / "model.safetensors")
+    # Adam divides by the gradient's magnitude, so rounding differences move weights by up to a fraction of the
+    # learning rate (1e-3): compared to 1e-4. A conv bias before training-mode BatchNorm has an exact-zero gradient,
+    # rounding noise that Adam scales to whole steps of the learning rate, and the running mean follows that bias:
+    # both are left out.
+    noise = ("fuse_conv.bias", "fuse_norm.running_mean")
+    for name in ("plain", "compiled"):
+        assert finals[name].keys() == finals["default"].keys()
+        different = {
+            key: (finals[name][key].float() - value.float()).abs().max().item()
+            for key, value in finals["default"].items()
+            if not key.endswith(noise) and not torch.allclose(finals[name][key], value, rtol=1e-4, atol=1e-4)
+        }
+        assert not different, (name, len(different), sorted({k.rsplit(".", 2)[0] for k in different}))
+    moved = sum(not torch.equal(v, finals["plain"][k]) for k, v in finals["default"].items())
+    assert moved > 0  # the two head implementations round differently: they did run different code
