@@ -197,15 +197,12 @@ def count(variant: str, phase: str, size: tuple[int, int], batch: int, seed: int
     labels = nyud_labels(batch, *size, seed=seed + 1)
     grid = (size[0] // 16, size[1] // 16)
     teacher_features = {t: [torch.randn(batch, 768, *grid) for _ in range(4)] for t in TEACHERS}
-    student = build_student("base", size, 768, seed=seed)  # its config is SAK's loss's config on both sides
+    heads = "plain" if variant == "sak-plain" else "low_resolution"
+    student = build_student("base", size, 768, seed=seed, head_implementation=heads)  # its config: the loss's too
     if variant == "reference":
         model = build_reference(size, seed)
         parts = reference_parts(model)
     else:
-        if variant == "sak-plain":
-            student.config.head_implementation = "plain"
-            for head in student.heads.values():
-                head.low_resolution_conv = False
         if variant == "sak-deployed":
             student.optimize_for_inference(dtype=None)
         model, parts = student, sak_parts(student)

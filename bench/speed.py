@@ -53,11 +53,16 @@ TEACHERS = ("dinov2", "clip", "sam")
 
 
 # ----------------------------------------------------------------------------------------------------------- models
-def build_student(image_size: tuple[int, int], seed: int):
+def build_student(image_size: tuple[int, int], seed: int, head_implementation: str = "low_resolution"):
     from modeling_sak import SAKConfig, SAKForMultiTask
 
     torch.manual_seed(seed)
-    config = SAKConfig(teachers=dict.fromkeys(TEACHERS, 768), tasks="nyud_v2", image_size=list(image_size))
+    config = SAKConfig(
+        teachers=dict.fromkeys(TEACHERS, 768),
+        tasks="nyud_v2",
+        image_size=list(image_size),
+        head_implementation=head_implementation,
+    )
     return SAKForMultiTask(config)
 
 
@@ -208,12 +213,10 @@ def current_rss_mib() -> float:
 # ---------------------------------------------------------------------------------------------------------- workers
 def inference_worker(job: dict) -> dict:
     variant, batch, size = job["variant"], job["batch"], tuple(job["size"])
-    model = build_student(size, job["seed"]).eval()
+    heads = "plain" if variant == "fp32-plain-heads" else "low_resolution"  # plain: resize, then the 3x3 conv
+    model = build_student(size, job["seed"], head_implementation=heads).eval()
     rss_model = peak_rss_mib()
     autocast = variant == "fp32+autocast"
-    if variant == "fp32-plain-heads":  # the reference's head arithmetic: resize, then the 3x3 conv
-        for head in model.heads.values():
-            head.low_resolution_conv = False
     if variant.startswith("fast"):
         model.optimize_for_inference(
             dtype=None if variant == "fast-fp32" else torch.bfloat16, compile=variant == "fast+compile"

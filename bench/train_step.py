@@ -159,9 +159,16 @@ def build_teachers(
 
 
 def build_student(
-    shape: str, image_size: tuple[int, int], teacher_width: int, depth: int | None = None, attn: str = "sdpa", seed=0
+    shape: str,
+    image_size: tuple[int, int],
+    teacher_width: int,
+    depth: int | None = None,
+    attn: str = "sdpa",
+    seed=0,
+    head_implementation: str = "low_resolution",
 ):
-    """A random `SAKForMultiTask` (NYUD-v2 tasks, three teachers of `teacher_width`, aligners where wider)."""
+    """A random `SAKForMultiTask` (NYUD-v2 tasks, three teachers of `teacher_width`, aligners where wider); the same
+    weights for either `head_implementation`."""
     from modeling_sak import SAKConfig, SAKForMultiTask
 
     torch.manual_seed(seed)
@@ -173,6 +180,7 @@ def build_student(
         image_size=list(image_size),
         use_aligners=teacher_width != stem["hidden_size"],
         attn_implementation=attn,
+        head_implementation=head_implementation,
     )
     model = SAKForMultiTask(config)
     check_realistic_weights(f"student ({shape})", model)
@@ -258,7 +266,8 @@ def worker(job: dict) -> dict:
     size, batch, seed = tuple(job["size"]), job["batch"], job["seed"]
     attn = "sdpa" if fast else "eager"
     shape = job.get("shape", "base")
-    model = build_student(shape, size, WIDTHS[shape][0], attn=attn, seed=seed).train()
+    heads = "low_resolution" if fast else "plain"  # plain: the reference's resize-then-conv heads
+    model = build_student(shape, size, WIDTHS[shape][0], attn=attn, seed=seed, head_implementation=heads).train()
     teachers, fast_available = build_teachers(
         teacher_configs(shape, attn_implementation=attn),
         torch.bfloat16 if fast else torch.float32,
@@ -270,9 +279,7 @@ def worker(job: dict) -> dict:
         from modeling_sak.training import make_optimizer
 
         optimizer = make_optimizer(model, 2e-5, 1e-6)
-    else:  # the reference's arithmetic: resize-then-conv heads, the per-parameter AdamW loop
-        for head in model.heads.values():
-            head.low_resolution_conv = False
+    else:  # the reference's per-parameter AdamW loop
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-6, foreach=False)
     model, optimizer = accelerator.prepare(model, optimizer)
     pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed + 1))

@@ -64,15 +64,14 @@ def training_worker(job: dict) -> dict:
     size, batch, seed = tuple(job["size"]), job["batch"], job["seed"]
     variant = job["variant"]
     reference = variant == "reference-bf16"
-    student = build_student("base", size, 768, seed=seed).train()
+    heads = "plain" if variant == "sak-plain-loop" else "low_resolution"
+    student = build_student("base", size, 768, seed=seed, head_implementation=heads).train()
     config = student.config
     if reference:
         model = build_reference(size, seed).train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=1e-6)
     else:
         if variant == "sak-plain-loop":
-            for head in student.heads.values():
-                head.low_resolution_conv = False
             optimizer = torch.optim.AdamW(parameter_groups(student, 1e-6), lr=2e-5)
         else:
             optimizer = make_optimizer(student, 2e-5, 1e-6)
@@ -120,10 +119,8 @@ def inference_worker(job: dict) -> dict:
     if variant.startswith("reference"):
         model = build_reference(size, seed).eval()
     else:
-        model = build_student("base", size, 768, seed=seed).eval()
-        if variant == "sak-plain-fp32":
-            for head in model.heads.values():
-                head.low_resolution_conv = False
+        heads = "plain" if variant == "sak-plain-fp32" else "low_resolution"
+        model = build_student("base", size, 768, seed=seed, head_implementation=heads).eval()
         if variant == "sak-deployed":
             model.optimize_for_inference()
     pixel_values = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed + 1))
