@@ -30,6 +30,14 @@ from modeling_sak.evaluation.loop import evaluate, evaluation_mode
 from modeling_sak.evaluation.registry import METRICS_VERSION
 from modeling_sak.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_overrides
 from modeling_sak.run_outputs import write_run_outputs
+from modeling_sak.sharding import (
+    SHARDED_STATE_DIR,
+    fsdp_from_launcher,
+    gather_student,
+    launch_error,
+    load_sharded,
+    shard_student,
+)
 from modeling_sak.specialist_teachers import DEFAULT_CACHE, PACKAGE, source_fingerprint
 from modeling_sak.teachers import SAKTeachers
 from modeling_sak.training import (
@@ -44,6 +52,7 @@ from modeling_sak.training import (
     resolve_checkpoint,
     resolve_data_and_teachers,
     save_checkpoint,
+    student_structure,
     training_state,
 )
 
@@ -72,6 +81,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
         recipe = load_recipe(args.config, recipe_overrides(args, parser))
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    fsdp = fsdp_from_launcher()  # `accelerate launch --use_fsdp`: the same FSDP2 sharding as the recipe key
+    if fsdp is not None:
+        checkpointing = recipe.gradient_checkpointing or fsdp["activation_checkpointing"]
+        recipe = recipe.replace(distributed_strategy="fsdp2", gradient_checkpointing=checkpointing)
+    problem = launch_error(recipe, script=Path(__file__).name)
+    if problem:  # before any work: never train with another engine than the one asked for
+        parser.error(problem)
     return args, recipe
 
 
@@ -96,18 +112,39 @@ def train(
         teachers = SAKTeachers.from_config(config, dtype=getattr(torch, recipe.teacher_dtype)).to(accelerator.device)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    sharded = recipe.distributed_strategy == "fsdp2"
+    if sharded:  # each process keeps 1/N of the student's parameters, gradients and AdamW state
+        fsdp = fsdp_from_launcher() or {}
+        model = shard_student(
+            model,
+            accelerator.device,
+            recipe.mixed_precision,
+            reshard_after_forward=fsdp.get("reshard_after_forward", True),
+            offload_params=fsdp.get("offload_params", False),
+        )
     optimizer = make_optimizer(model, recipe.learning_rate, recipe.weight_decay)
     scheduler = make_scheduler(
         optimizer, recipe.lr_scheduler, recipe.max_steps, recipe.warmup_steps, recipe.poly_power
     )
     # The scheduler is sized in optimizer steps and stepped below once per optimizer step (the Accelerator is made
     # with step_scheduler_with_optimizer=False: otherwise it would step it once per process per optimizer step).
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if sharded:  # the student and its optimizer are already sharded; their checkpoints are `save_sharded`'s
+        scheduler = accelerator.prepare(scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    shards = (model, optimizer) if sharded else None  # what save_checkpoint writes with `save_sharded`
+
+    def plain_student() -> torch.nn.Module:  # the whole student, evaluated and saved as a DDP run's
+        if not sharded:
+            return accelerator.unwrap_model(model)
+        return gather_student(model, lambda: student_structure(config, recipe), accelerator.device)
 
     step, epoch, batch_in_epoch, loss_history, lr_history = 0, 0, 0, [], []
     if resume:
-        checkpoint = resolve_checkpoint(output_dir, resume)
+        checkpoint = resolve_checkpoint(output_dir, resume, recipe.distributed_strategy)
         accelerator.load_state(str(checkpoint))
+        if sharded:
+            load_sharded(model, optimizer, checkpoint / SHARDED_STATE_DIR)
         state = json.loads((checkpoint / "training_state.json").read_text())
         step, loss_history, lr_history = state["step"], state["loss_history"], state["lr_history"]
         epoch, batch_in_epoch = state["positions"][accelerator.process_index]
@@ -132,22 +169,30 @@ def train(
             pixel_values = batch["pixel_values"].to(accelerator.device)
             labels = {k: v if v is None else v.to(accelerator.device) for k, v in batch.get("labels", {}).items()}
             with accelerator.accumulate(model):
-                teacher_features = None
-                if teachers is not None:  # SAK's central step: the committee's targets for this batch
-                    with accelerator.autocast():
+                with accelerator.autocast():  # a prepared (DDP) student autocasts itself too; a sharded one not
+                    teacher_features = None
+                    if teachers is not None:  # SAK's central step: the committee's targets for this batch
                         teacher_features = teachers(pixel_values)
-                outputs = model(pixel_values=pixel_values, labels=labels or None, teacher_features=teacher_features)
+                    outputs = model(
+                        pixel_values=pixel_values, labels=labels or None, teacher_features=teacher_features
+                    )
                 check_finite(step + 1, outputs.loss, outputs)
+                if sharded:  # reduce-scatter the gradients only on the last batch of an optimizer step
+                    model.set_requires_gradient_sync(accelerator.sync_gradients)
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and recipe.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                    if sharded:  # the norm of the whole gradient, over every shard
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                    else:
+                        accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                if accelerator.sync_gradients or not sharded:  # a prepared optimizer skips the other batches itself
+                    optimizer.step()
+                    optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
             step += 1
             lr_history.append(scheduler.get_last_lr()[0])  # the rate this step used
-            if not optimizer.step_was_skipped:  # fp16: the GradScaler skipped a step with inf/nan gradients
+            if not getattr(optimizer, "step_was_skipped", False):  # fp16: the GradScaler skipped an inf/nan step
                 scheduler.step()
             loss_history.append(accelerator.reduce(outputs.loss.detach(), "mean").item())
             progress.update()
@@ -159,10 +204,12 @@ def train(
                 accelerator.log({f"{label}/{k}": v for k, v in logs.items()}, step=step)
             if recipe.checkpointing_steps and step % recipe.checkpointing_steps == 0:
                 state = training_state(step, epoch, batch_in_epoch, loss_history, lr_history)
-                save_checkpoint(accelerator, output_dir, step, state, recipe.checkpoints_total_limit)
+                save_checkpoint(accelerator, output_dir, step, state, recipe.checkpoints_total_limit, shards)
             if recipe.eval_steps and step % recipe.eval_steps == 0 and recipe.eval_split and tasks:
                 eval_loader = make_loader(recipe, dataset, recipe.eval_split, False, tasks, accelerator, 0)
-                results = evaluate(model, eval_loader, accelerator, config, recipe.eval_boundary)
+                results = evaluate(
+                    plain_student() if sharded else model, eval_loader, accelerator, config, recipe.eval_boundary
+                )
                 logs = {f"{label}/eval/{t}/{m}": v for t, r in results.items() for m, v in r.items()}
                 accelerator.log(logs, step=step)
             if step >= recipe.max_steps:
@@ -176,18 +223,19 @@ def train(
         )
     if recipe.checkpointing_steps == 0 or step % recipe.checkpointing_steps:
         state = training_state(step, epoch, batch_in_epoch, loss_history, lr_history)
-        save_checkpoint(accelerator, output_dir, step, state, recipe.checkpoints_total_limit)
+        save_checkpoint(accelerator, output_dir, step, state, recipe.checkpoints_total_limit, shards)
+    unwrapped = plain_student()
     replicas = None
-    if recipe.verify_replicas:
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(accelerator.device)
+    if recipe.verify_replicas:  # of a sharded run: its gathered copies
+        checksum = torch.stack([p.detach().double().sum() for p in unwrapped.parameters()]).to(accelerator.device)
         gathered = accelerator.gather(checksum[None]).cpu()
         replicas = {"processes": accelerator.num_processes, "identical": bool((gathered == gathered[0]).all())}
 
     results, router_weights, sample = {}, None, None
-    unwrapped = accelerator.unwrap_model(model)
     if recipe.eval_split and tasks:
         eval_loader = make_loader(recipe, dataset, recipe.eval_split, False, tasks, accelerator, 0)
-        results = evaluate(model, eval_loader, accelerator, config, recipe.eval_boundary)
+        evaluated = unwrapped if sharded else model
+        results = evaluate(evaluated, eval_loader, accelerator, config, recipe.eval_boundary)
         sample = next(iter(eval_loader))
         with evaluation_mode(unwrapped):
             outputs = unwrapped(pixel_values=sample["pixel_values"].to(accelerator.device))

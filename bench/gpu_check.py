@@ -12,6 +12,11 @@ Checks (each records "passed", "failed" or "skipped" with a reason, its criteria
   `torch.amp.GradScaler`), as accelerate does on a GPU.
 - `ddp_2proc`: one 2-process DDP step via torchrun (NCCL on two GPUs; gloo on a machine without a GPU; skipped on a
   machine with one GPU): finite losses and identical replicas after the step.
+- `fsdp2_2proc`: the student sharded with FSDP2 over 2 processes (`modeling_sak.sharding`, as `train_accelerate.py
+  --distributed_strategy fsdp2` runs it; full mode: ViT-L with the large committee at 448x576, batch 2): a step, a
+  sharded checkpoint, the next step, and that step again in a fresh sharded student and optimizer loaded from the
+  checkpoint: finite losses, the resumed step's loss and parameters bit for bit the original's, the gathered copy
+  whole; with the first step's time and rank 0's peak GPU memory (compare bench/results/memory.json).
 - `inference_speed`: eager float32 vs `optimize_for_inference()` (bf16) at batch 1 and 8: times, speed-up, relative
   error of the task outputs.
 - `peak_memory`: one stage-2 step of the ViT-B and of the ViT-L configuration (each with its committee: base or large
@@ -59,7 +64,7 @@ from train_step import (
 )
 
 
-CHECKS = ("train_fp16", "train_bf16", "ddp_2proc", "inference_speed", "peak_memory", "torch_compile")
+CHECKS = ("train_fp16", "train_bf16", "ddp_2proc", "fsdp2_2proc", "inference_speed", "peak_memory", "torch_compile")
 SETTINGS = {
     "full": {
         "shape": "base",
@@ -71,6 +76,7 @@ SETTINGS = {
         "inference_repeats": 5,
         "memory": {"vit_base": {"shape": "base"}, "vit_large": {"shape": "large"}},
         "memory_size": [448, 576],
+        "fsdp2_shape": "large",  # ViT-L with the large committee, sharded over the two GPUs
     },
     "reduced": {
         "shape": "tiny",
@@ -83,6 +89,7 @@ SETTINGS = {
         # ViT-B/L students and committees take minutes to build on two cores: two tiny widths show the mechanism.
         "memory": {"tiny": {"shape": "tiny"}, "tiny64": {"shape": "tiny64"}},
         "memory_size": [64, 96],
+        "fsdp2_shape": "tiny",
     },
 }
 INFERENCE_BATCHES = (1, 8)
@@ -261,6 +268,83 @@ def ddp_worker(job: dict) -> dict | None:
     return result if accelerator.is_main_process else None
 
 
+def fsdp2_worker(job: dict) -> dict | None:
+    """An FSDP2 step, a sharded checkpoint, the next step, and that step again from the checkpoint in a fresh sharded
+    student and optimizer, in each of the torchrun processes, through `modeling_sak.sharding` as `train_accelerate.py
+    --distributed_strategy fsdp2` runs it; rank 0 reports."""
+    from accelerate import Accelerator
+
+    from modeling_sak.sharding import gather_student, load_sharded, save_sharded, shard_student
+    from modeling_sak.training import distributed_without_gpu, make_optimizer
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=distributed_without_gpu(), mixed_precision="bf16")
+    settings, device = job["settings"], accelerator.device
+    shape = settings["fsdp2_shape"]
+
+    def sharded_student():
+        model, teachers, _ = stage2_models(settings["image_size"], device, shape)
+        if accelerator.num_processes > 1 and device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # as train_accelerate.py
+        model = shard_student(model, device, "bf16")
+        return model, teachers, make_optimizer(model, settings["learning_rate"], 1e-6)
+
+    def step(model, teachers, optimizer, index: int) -> float:
+        pixel_values, labels = fixed_batch(settings, device, seed=SEED + 10 * accelerator.process_index + index)
+        with accelerator.autocast():
+            teacher_features = teachers(pixel_values)
+            torch.manual_seed(SEED + index)  # the same gating noise in both runs of a step
+            outputs = model(pixel_values, labels=labels, teacher_features=teacher_features)
+        accelerator.backward(outputs.loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return outputs.loss.item()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    model, teachers, optimizer = sharded_student()
+    synchronize(device)
+    start = time.perf_counter()
+    first = step(model, teachers, optimizer, 0)
+    synchronize(device)
+    step_seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    save_sharded(model, optimizer, job["directory"])
+    second = step(model, teachers, optimizer, 1)
+    again, _, optimizer_again = sharded_student()
+    load_sharded(again, optimizer_again, job["directory"])
+    resumed = step(again, teachers, optimizer_again, 1)
+    same = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.parameters(), again.parameters()))
+    same = bool(accelerator.reduce(torch.tensor([float(same)], device=device), "min").item())
+    width = WIDTHS[shape][0]
+    plain = gather_student(
+        model, lambda: build_student(shape, tuple(settings["image_size"]), width, seed=SEED), device
+    )
+    losses = accelerator.gather(torch.tensor([first, second, resumed], device=device)[None]).cpu().tolist()
+    result = {
+        "processes": accelerator.num_processes,
+        "backend": str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None,
+        "device": str(device),
+        "shape": shape,
+        "losses_per_rank": losses,
+        "first_step_seconds": step_seconds,
+        "peak_memory_GiB_rank0": peak,
+        "criteria": {
+            "two_processes": accelerator.num_processes == 2,
+            "losses_finite": all(torch.isfinite(torch.tensor(losses)).flatten().tolist()),
+            "resumed_step_equals_the_original": all(row[1] == row[2] for row in losses),
+            "resumed_parameters_bit_identical": same,
+            "gathered_whole_student": sum(p.numel() for p in plain.parameters())
+            == sum(p.numel() for p in model.parameters()),  # a DTensor's numel is the whole parameter's
+        },
+    }
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result if accelerator.is_main_process else None
+
+
 def memory_worker(job: dict) -> dict:
     """One bf16 stage-2 step of a configuration in this fresh process: its peak memory."""
     from accelerate import Accelerator
@@ -292,7 +376,7 @@ def memory_worker(job: dict) -> dict:
     }
 
 
-WORKERS = {"train": train_worker, "ddp": ddp_worker, "memory": memory_worker}
+WORKERS = {"train": train_worker, "ddp": ddp_worker, "fsdp2": fsdp2_worker, "memory": memory_worker}
 
 
 # ---------------------------------------------------------------------------------------------- in this process
@@ -517,15 +601,25 @@ def main() -> None:
     for name in ("train_fp16", "train_bf16", "peak_memory"):
         print(f"  {name}: {checks[name]['status']}", flush=True)
 
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     if device.type == "cuda" and torch.cuda.device_count() < 2:
         checks["ddp_2proc"] = {
             "status": "skipped",
             "reason": f"needs two GPUs; this machine has {torch.cuda.device_count()}",
         }
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         checks["ddp_2proc"] = run_workers({"ddp": ("ddp", job, launcher)}, False, threads)["ddp"]
     print(f"  ddp_2proc: {checks['ddp_2proc']['status']}", flush=True)
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        checks["fsdp2_2proc"] = {
+            "status": "skipped",
+            "reason": f"needs two GPUs; this machine has {torch.cuda.device_count()}",
+        }
+    else:
+        with tempfile.TemporaryDirectory() as directory:
+            fsdp2_job = job | {"directory": str(Path(directory) / "sharded")}
+            checks["fsdp2_2proc"] = run_workers({"fsdp2": ("fsdp2", fsdp2_job, launcher)}, False, threads)["fsdp2"]
+    print(f"  fsdp2_2proc: {checks['fsdp2_2proc']['status']}", flush=True)
 
     checks["inference_speed"] = run_in_process(check_inference_speed, settings, device, mode == "full")
     print(f"  inference_speed: {checks['inference_speed']['status']}", flush=True)

@@ -143,6 +143,18 @@ class Recipe:
         "compile the student for training with torch.compile (Accelerate's dynamo_backend='inductor'); the first "
         "steps compile (minutes on a CPU); measured slower than eager on a 2-core CPU (README, Speed)",
     )
+    gradient_checkpointing: bool = _field(
+        False,
+        "recompute each stem block in the backward pass instead of keeping its activations (transformers' "
+        "activation_checkpointing_enable, non-reentrant): the same gradients, less memory, about one more stem forward "
+        "of compute (bench/memory.py)",
+    )
+    distributed_strategy: Literal["ddp", "fsdp2"] = _field(
+        "ddp",
+        "'ddp': every process holds the whole student; 'fsdp2': the student's parameters, gradients and AdamW state "
+        "sharded across processes (torch's fully_shard per stem block, `modeling_sak.sharding`), on GPUs or CPUs; "
+        "`accelerate launch --use_fsdp --fsdp_version 2` sets it",
+    )
     eval_steps: int = _field(0, "evaluate every N steps (0: only at the end)")
     checkpointing_steps: int = _field(100, "save a resumable checkpoint every N steps (0: only at the end)")
     checkpoints_total_limit: int = _field(2, "keep the last K checkpoints")

@@ -173,6 +173,8 @@ def build_model(config: SAKConfig, recipe: Recipe) -> SAKForMultiTask:
         )
     if recipe.lora:
         model = apply_lora(model, recipe.lora)
+    if recipe.gradient_checkpointing:  # each SAKStemLayer recomputed in backward (same gradients)
+        model.activation_checkpointing_enable({"use_reentrant": False})
     if recipe.freeze_stem:
         model.stem.requires_grad_(False)
     if recipe.train_only_routers:
@@ -181,6 +183,13 @@ def build_model(config: SAKConfig, recipe: Recipe) -> SAKForMultiTask:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith("routers.")
     return model
+
+
+def student_structure(config: SAKConfig, recipe: Recipe) -> SAKForMultiTask:
+    """A new student of the modules `build_model` makes (LoRA layers included), without loading any weights: what
+    `sharding.gather_student` fills with a sharded run's state."""
+    model = SAKForMultiTask(config)
+    return apply_lora(model, recipe.lora) if recipe.lora else model
 
 
 def load_matching_weights(model: SAKForMultiTask, path_or_repo: str) -> dict[str, Any]:
@@ -294,14 +303,23 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
-    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` only once complete."""
+def save_checkpoint(
+    accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int, sharded=None
+) -> Path:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` only once complete. An FSDP2
+    run passes `sharded=(model, optimizer)`: their shards go to `student_sharded/` in the same folder
+    (`sharding.save_sharded`), before the rename."""
     output_dir = Path(output_dir)
     final, partial = output_dir / f"checkpoint-{step}", output_dir / f".partial-checkpoint-{step}"
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
+    if sharded is not None:
+        from .sharding import SHARDED_STATE_DIR, save_sharded
+
+        save_sharded(*sharded, partial / SHARDED_STATE_DIR)
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / "training_state.json").write_text(json.dumps(state, indent=2))
         if final.exists():
@@ -313,16 +331,26 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
     return final
 
 
-def resolve_checkpoint(output_dir: str | Path, value: str) -> Path:
-    """`latest` -> the newest complete checkpoint of `output_dir`; otherwise the given folder."""
+def resolve_checkpoint(output_dir: str | Path, value: str, strategy: str = "ddp") -> Path:
+    """`latest` -> the newest complete checkpoint of `output_dir`; otherwise the given folder. A checkpoint of the other
+    `distributed_strategy` (FSDP2 shards vs a DDP run's whole state) is a FileNotFoundError naming the one to use."""
+    from .sharding import SHARDED_STATE_DIR
+
     if value == "latest":
         found = checkpoint_dirs(output_dir)
         if not found:
             raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
-        return found[-1]
-    path = Path(value)
+        path = found[-1]
+    else:
+        path = Path(value)
     if not (path / "training_state.json").exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no training_state.json)")
+    written = "fsdp2" if (path / SHARDED_STATE_DIR).is_dir() else "ddp"
+    if written != strategy:
+        raise FileNotFoundError(
+            f"{path} was written by a distributed_strategy {written!r} run; resume it with --distributed_strategy "
+            f"{written} (this run is {strategy!r})"
+        )
     return path
 
 

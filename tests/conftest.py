@@ -86,3 +86,32 @@ def config() -> SAKConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """For train_accelerate.py runs (test_train_accelerate, test_sharding): a 24-image ToyRooms at 32 x 48 and two
+    tiny random ViT teachers saved like Hub models."""
+    import json
+
+    from transformers import ViTConfig, ViTModel
+
+    from modeling_sak.prepare_dataset import make_toyrooms
+
+    root = tmp_path_factory.mktemp("train")
+    os.environ["TQDM_DISABLE"] = "1"
+    make_toyrooms(root / "toy", num_train=24, num_test=6, size=(32, 48), rows_per_shard=6)
+    teachers = {}
+    for name, width in (("geometry", 32), ("semantics", 48)):
+        torch.manual_seed(len(name))
+        config = ViTConfig(
+            hidden_size=width,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+        ViTModel(config, add_pooling_layer=False).save_pretrained(root / name)
+        teachers[name] = str(root / name)
+    return {"data": str(root / "toy"), "teachers": json.dumps(teachers), "root": root}

@@ -38,7 +38,7 @@ def reduced_report(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]
 def expected_skips() -> set[str]:
     if not torch.cuda.is_available():
         return {"torch_compile"}  # reduced mode on CPU skips compile (with a reason) unless --compile
-    return {"ddp_2proc"} if torch.cuda.device_count() < 2 else set()
+    return {"ddp_2proc", "fsdp2_2proc"} if torch.cuda.device_count() < 2 else set()
 
 
 @pytest.mark.slow
