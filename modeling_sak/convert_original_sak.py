@@ -29,6 +29,7 @@ from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers.utils import logging
 
+from .cli import bad_input_exits
 from .configuration_sak import TASK_PRESETS, SAKConfig
 from .image_processing_sak import SAKImageProcessor
 from .modeling_sak import SAKForMultiTask
@@ -429,6 +430,12 @@ def write_provenance_card(output_dir: str | Path, config: SAKConfig, source: str
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
+    with bad_input_exits("python -m modeling_sak.convert_original_sak"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.set_verbosity_info()
     original_config, checkpoint = args.original_config, args.checkpoint

@@ -27,6 +27,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModel
 
+from .cli import bad_input_exits, check_model_argument, looks_like_path
 from .data.loading import MultiTaskStream, load_multitask_split
 from .data.transforms import MultiTaskTransform
 from .evaluation.loop import evaluate, evaluation_mode
@@ -60,10 +61,16 @@ def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Pat
             top, left, height, width = (int(v) for v in boxes[i])
             image = image[top : top + height, left : left + width]
         stem = str(batch["ids"][i] or f"image{i}").replace("/", "_").replace("\\", "_")
-        save_task_pictures(image, predictions, output_dir / "predictions", stem, tasks)
+        save_task_pictures(image, predictions, output_dir / "predictions", stem, tasks, model.config.id2label)
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
+    with bad_input_exits("python -m modeling_sak.evaluate_model"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_sak.evaluate_model",
         description=__doc__,
@@ -102,6 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
         baseline = json.loads(Path(baseline).read_text())
         baseline = baseline.get("metrics", baseline)
 
+    check_model_argument(args.model)
+    if looks_like_path(args.dataset) and not Path(args.dataset).expanduser().exists():
+        raise FileNotFoundError(
+            f"--dataset {args.dataset}: no such folder; give a folder in the package schema or a Hub id"
+        )
     accelerator = Accelerator(cpu=distributed_without_gpu())
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).to(accelerator.device).eval()
     config = model.config

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
+from .cli import bad_input_exits, check_model_argument
 from .evaluation.pictures import save_task_pictures
 from .image_io_sak import load_rgb_image
 
@@ -63,11 +64,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@torch.inference_mode()  # with `.eval()` below: eval-mode outputs and no autograd, as every evaluation path
 def main(argv: list[str] | None = None) -> int:
+    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
+    with bad_input_exits("python -m modeling_sak.predict"):
+        return _main(argv)
+
+
+@torch.inference_mode()  # with `.eval()` below: eval-mode outputs and no autograd, as every evaluation path
+def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.batch_size < 1:
-        raise SystemExit(f"--batch_size {args.batch_size}: must be at least 1")
+        raise ValueError(f"--batch_size {args.batch_size}: must be at least 1")
+    check_model_argument(args.model)
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
     model = model.to(args.device).eval()
     if args.bf16:
@@ -86,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             task_outputs, target_sizes=inputs["original_sizes"], content_boxes=inputs["content_boxes"]
         )
         for (path, array), predictions in zip(chunk, results):
-            files = save_task_pictures(array, predictions, args.output_dir, path.stem, dict(model.config.tasks))
+            files = save_task_pictures(
+                array, predictions, args.output_dir, path.stem, dict(model.config.tasks), model.config.id2label
+            )
             written += len(files)
             print(f"{path} -> {', '.join(f.name for f in files)}")
     print(f"wrote {written} pictures for {len(images)} image(s) to {args.output_dir}")

@@ -34,8 +34,8 @@ from datasets import config as datasets_config
 from datasets.arrow_writer import ParquetWriter
 from datasets.utils.py_utils import convert_file_size_to_int
 from PIL import Image
-from tqdm.auto import tqdm
 
+from .cli import bad_input_exits, progress_bar
 from .data import toyrooms
 from .data.schema import ID2LABEL_NAME, encode_example, features_for, write_id2label
 from .image_processing_sak import load_rgb_image
@@ -110,7 +110,7 @@ def write_split(
         path.with_suffix(".tmp").rename(path)
         shard, in_shard, writer = shard + 1, 0, None
 
-    for row in tqdm(rows, total=total, desc=f"writing {split}", unit="image"):
+    for row in progress_bar(iterable=rows, total=total, desc=f"writing {split}", unit="image"):
         if writer is None:
             partial = data_dir / f"{split}-{shard:05d}-of-{shards:05d}.tmp"
             writer = ParquetWriter(path=str(partial), features=features)
@@ -592,6 +592,12 @@ def _read_class_names(path: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
+    with bad_input_exits("python -m modeling_sak.prepare_dataset"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.dataset == "nyud":
         counts = convert_nyud(args.source, args.output_dir, args.rows_per_shard, args.max_row_group_size)

@@ -127,6 +127,14 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, revision: s
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
+    from .cli import bad_input_exits
+
+    with bad_input_exits("python -m modeling_sak.publish"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_sak.publish",
         description=__doc__,

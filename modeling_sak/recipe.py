@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -184,6 +185,9 @@ class Recipe:
         hints = typing.get_type_hints(Recipe)
         for item in dataclasses.fields(self):
             setattr(self, item.name, _checked(item.name, getattr(self, item.name), hints[item.name]))
+        problem = _range_problem(self)
+        if problem:
+            raise ValueError(problem)
 
     @classmethod
     def yaml_base(cls) -> Recipe:
@@ -196,6 +200,109 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Keys whose mappings a later layer (YAML recipe, flags) updates key by key instead of replacing: `--toyrooms
+# num_train=64` keeps the other ToyRooms settings, `--task_loss_weights depth=2` the other tasks' weights. Not
+# `stem`: a stem config given in part would silently keep the default stem's other sizes instead of transformers'
+# defaults for that model.
+MERGED_KEYS = ("toyrooms", "task_loss_weights")
+TOYROOMS_KEYS = ("num_train", "num_test", "seed", "teacher_steps", "teacher_learning_rate")
+SPECIALISTS = ("geometry", "semantics")
+# OneCycleLR warms up over 10% of its steps; below 2 warm-up steps it divides by zero or runs backwards.
+MIN_TEACHER_STEPS = 20
+
+
+def _range_problem(recipe: Recipe) -> str | None:
+    """The first value out of its range or inconsistent with another key, as a message naming the key, the value
+    and the fix; None when every value is usable."""
+    at_least = {
+        "max_steps": 1,
+        "per_device_train_batch_size": 1,
+        "per_device_eval_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "down_ratio": 1,
+        "checkpoints_total_limit": 1,
+        "shuffle_buffer": 1,
+        "warmup_steps": 0,
+        "stage1_steps": 0,
+        "eval_steps": 0,
+        "checkpointing_steps": 0,
+        "logging_steps": 0,
+        "num_workers": 0,
+        "weight_decay": 0,
+        "max_grad_norm": 0,
+        "distill_alpha": 0,
+    }
+    for key, low in at_least.items():
+        value = getattr(recipe, key)
+        if value < low:
+            return f"{key}={value!r} must be at least {low}"
+    for key, example in (("learning_rate", "1e-4"), ("poly_power", "0.9")):
+        if not getattr(recipe, key) > 0:
+            return f"{key}={getattr(recipe, key)!r} must be greater than 0, e.g. --{key} {example}"
+    if recipe.train_limit is not None and recipe.train_limit < 1:
+        return f"train_limit={recipe.train_limit!r} must be at least 1 (or none: every training row)"
+    if min(recipe.image_size) < 1:
+        return f"image_size={recipe.image_size!r}: both sides must be positive, e.g. --image_size 448 576"
+    low, high = recipe.scale_range
+    if not 0 < low <= high:
+        return f"scale_range={recipe.scale_range!r} must be LOW HIGH with 0 < LOW <= HIGH, e.g. --scale_range 0.5 2.0"
+    if recipe.warmup_steps > recipe.max_steps:
+        return (
+            f"warmup_steps={recipe.warmup_steps} is more than max_steps={recipe.max_steps}: the rate would never "
+            "reach its peak; lower --warmup_steps"
+        )
+    if recipe.stage == 2 and not recipe.tasks:
+        return "tasks={} in stage 2: name at least one task, e.g. --tasks semseg=40 depth=1 (or use --stage 1)"
+    for task, channels in recipe.tasks.items():
+        if not isinstance(channels, int) or isinstance(channels, bool) or channels < 1:
+            return f"tasks: {task}={channels!r} must be a number of output channels (an integer >= 1)"
+    unweighted = sorted(set(recipe.tasks) - set(recipe.task_loss_weights)) if recipe.stage == 2 else []
+    if unweighted:
+        return f"task_loss_weights has no weight for the tasks {unweighted}; add e.g. --task_loss_weights {unweighted[0]}=1"
+    if recipe.lora is not None:
+        unknown = sorted(set(recipe.lora) - {"r", "alpha", "dropout", "target_modules"})
+        if unknown:
+            return (
+                f"lora: unknown keys {unknown}; valid keys are r, alpha, dropout and target_modules, e.g. --lora r=8"
+            )
+    return _toyrooms_problem(recipe.toyrooms)
+
+
+def _toyrooms_problem(toyrooms: dict[str, Any]) -> str | None:
+    unknown = sorted(set(toyrooms) - set(TOYROOMS_KEYS))
+    if unknown:
+        hint = (
+            " (write `{num_train: 64}` with a space after the colon, or num_train=64)"
+            if any(":" in str(key) for key in unknown)
+            else ""
+        )
+        return f"toyrooms: unknown keys {unknown}{hint}; valid keys are {list(TOYROOMS_KEYS)}"
+    for key in ("num_train", "num_test"):
+        value = toyrooms.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return f"toyrooms: {key}={value!r} must be an integer >= 1, e.g. --toyrooms {key}=64"
+    steps = toyrooms.get("teacher_steps", {})
+    per_teacher = steps if isinstance(steps, dict) else dict.fromkeys(SPECIALISTS, steps)
+    unknown = sorted(set(per_teacher) - set(SPECIALISTS))
+    if unknown:
+        return f"toyrooms: teacher_steps names {unknown}; the specialists are {list(SPECIALISTS)}"
+    for name, value in per_teacher.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < MIN_TEACHER_STEPS:
+            return (
+                f"toyrooms: teacher_steps {name}={value!r} must be an integer >= {MIN_TEACHER_STEPS} (the teachers' "
+                "one-cycle schedule warms up over 10% of its steps), e.g. --toyrooms 'teacher_steps: {geometry: 800, "
+                "semantics: 300}'"
+            )
+    return None
+
+
+def _merge(old: Any, new: Any) -> Any:
+    """`new` over `old`, key by key for mappings (nested ones too); anything else is replaced."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {**old, **{key: _merge(old.get(key), value) for key, value in new.items()}}
+    return new
 
 
 def _checked(key: str, value: Any, hint: Any) -> Any:
@@ -222,7 +329,8 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
 
 def load_recipe(path: str | None, overrides: dict[str, Any]) -> Recipe:
     """`Recipe()` (or `Recipe.yaml_base()` under a YAML recipe) <- YAML recipe <- `overrides` (None means "not
-    given"); unknown keys and bad values are errors naming them."""
+    given"); the mappings of `MERGED_KEYS` are updated key by key, the rest replaced; unknown keys and bad values
+    (types, choices, ranges, `_range_problem`'s relations) are ValueErrors naming them."""
     recipe = Recipe.yaml_base() if path else Recipe()
     layers = []
     if path:
@@ -235,8 +343,9 @@ def load_recipe(path: str | None, overrides: dict[str, Any]) -> Recipe:
         unknown = sorted(set(layer) - set(valid))
         if unknown:
             raise ValueError(f"{source}: unknown recipe keys {unknown}; valid keys are {sorted(valid)}")
+        merged = {k: _merge(getattr(recipe, k), v) if k in MERGED_KEYS else v for k, v in layer.items()}
         try:
-            recipe = recipe.replace(**layer)
+            recipe = recipe.replace(**merged)
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
     return recipe
@@ -295,7 +404,7 @@ def parse_flag_value(name: str, tokens: list[str]) -> Any:
             raise ValueError(f"--{name} {shown}: expected two integers, e.g. {example}")
         return [kind(v) for v in values]
     if len(tokens) == 1 and "=" not in tokens[0]:
-        value = yaml.safe_load(tokens[0])
+        value = _flow_mapping(tokens[0])
         if value is None or str(value).lower() in ("none", "null"):
             return "none"  # not None: that would mean "flag not given"; the Recipe reads it as None (or no teachers)
         if name == "teachers" and value == "toyrooms_specialists":
@@ -308,6 +417,20 @@ def parse_flag_value(name: str, tokens: list[str]) -> Any:
     if bad:
         raise ValueError(f"--{name}: {bad} are not KEY=VALUE pairs, e.g. {example}")
     return {key: value if name == "teachers" else yaml.safe_load(value) for key, _, value in pairs}
+
+
+def _flow_mapping(text: str) -> Any:
+    """`yaml.safe_load(text)`, reading `{a:1,b:{c:2}}` (no space after the colons, as people type it; YAML reads that
+    as keys 'a:1' and 'c:2' without values) as `{a: 1, b: {c: 2}}`. A colon before '/' or '\\' (a URL, a Windows
+    path) is kept as it is."""
+
+    def glued(value: Any) -> bool:
+        return isinstance(value, dict) and any((v is None and ":" in str(k)) or glued(v) for k, v in value.items())
+
+    value = yaml.safe_load(text)
+    if glued(value):
+        value = yaml.safe_load(re.sub(r"([:,])(?=[^\s/\\])", r"\1 ", text))
+    return value
 
 
 def _example(name: str) -> str:

@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTModel
 
+from .cli import bad_input_exits, progress_bar
 from .data.loading import MultiTaskStream, load_multitask_split
 from .data.toyrooms import CLASSES, OpenedRows
 from .data.transforms import MultiTaskTransform
 from .evaluation.metrics import DepthMetric, NormalsMetric, SemsegMetric
 from .losses import cross_entropy_loss, l1_loss, normals_l1_loss
+from .recipe import MIN_TEACHER_STEPS, Recipe
 
 
 SPECIALISTS = {"geometry": {"depth": 1, "normals": 3}, "semantics": {"semseg": len(CLASSES)}}
@@ -97,7 +98,7 @@ def train_specialist(
         return head(model(pixel_values).last_hidden_state[:, 1:], grid)
 
     step, epoch, start = 0, 0, time.perf_counter()
-    progress = tqdm(total=steps, desc=f"{kind} teacher", unit="step")
+    progress = progress_bar(total=steps, desc=f"{kind} teacher", unit="step")
     model.train()
     while step < steps:
         stream.set_epoch(epoch)
@@ -234,6 +235,12 @@ def ensure_specialists(
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
+    with bad_input_exits("python -m modeling_sak.specialist_teachers"):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m modeling_sak.specialist_teachers",
         description=__doc__,
@@ -243,8 +250,17 @@ def main(argv: list[str] | None = None) -> None:
         "--data", required=True, help="a ToyRooms folder (python -m modeling_sak.prepare_dataset toyrooms)"
     )
     parser.add_argument("--output_dir", required=True, help="writes OUTPUT_DIR/geometry and OUTPUT_DIR/semantics")
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per teacher")
-    parser.add_argument("--learning_rate", type=float, default=1e-3, help="peak of the one-cycle learning rate")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="optimizer steps of each teacher, at least 20 (default: the default run's, geometry 800, semantics 300)",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        help="peak of each teacher's one-cycle learning rate (default: the default run's, geometry 1e-3, semantics "
+        "2e-3)",
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="images per step")
     parser.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="ToyRooms image size")
     parser.add_argument("--width", type=int, default=96, help="teacher width")
@@ -254,19 +270,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patch", type=int, default=8, help="teacher patch size")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
+    if not (Path(args.data) / "README.md").is_file():
+        raise FileNotFoundError(
+            f"--data {args.data}: not a ToyRooms folder (no README.md); render one first: python -m "
+            f"modeling_sak.prepare_dataset toyrooms --output_dir {args.data}"
+        )
+    if args.steps is not None and args.steps < MIN_TEACHER_STEPS:
+        raise ValueError(
+            f"--steps {args.steps}: at least {MIN_TEACHER_STEPS} (the one-cycle schedule warms up over 10% of them)"
+        )
+    if args.depth < 4 or args.depth % 4 or args.width < 1 or args.batch_size < 1 or args.patch < 1:
+        raise ValueError("--depth must be a multiple of 4, and --width, --batch_size and --patch positive")
+    defaults = Recipe().toyrooms
     for kind in SPECIALISTS:
         metrics = train_specialist(
             kind,
             args.data,
             Path(args.output_dir) / kind,
             tuple(args.size),
-            args.steps,
+            args.steps or defaults["teacher_steps"][kind],
             args.batch_size,
             args.width,
             args.depth,
             args.patch,
             args.seed,
-            args.learning_rate,
+            args.learning_rate or defaults["teacher_learning_rate"][kind],
         )
         print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 

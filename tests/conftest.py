@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -115,3 +116,19 @@ def assets(tmp_path_factory):
         ViTModel(config, add_pooling_layer=False).save_pretrained(root / name)
         teachers[name] = str(root / name)
     return {"data": str(root / "toy"), "teachers": json.dumps(teachers), "root": root}
+
+
+@contextlib.contextmanager
+def exits_with_error(capsys, pattern: str):
+    """A command's bad-input exit (`modeling_sak.cli`): SystemExit with status 2 and one `error:` line on stderr
+    matching `pattern` (a regex, searched across lines; a leading `^` anchors it at the start of the message)."""
+    import re
+
+    if pattern.startswith("^"):
+        pattern = ": error: " + pattern[1:]
+
+    with pytest.raises(SystemExit) as stopped:
+        yield
+    error = capsys.readouterr().err
+    assert stopped.value.code == 2, error
+    assert ": error: " in error and re.search(pattern, error, re.S), error

@@ -14,7 +14,7 @@ from PIL import Image
 from test_image_processing_sak import REAL_NYU_DEPTH, depth_like_modes, photo_modes
 
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
-from modeling_sak.evaluation.pictures import VOID_COLOUR, palette
+from modeling_sak.evaluation.pictures import VOID_COLOUR, grid_title_height, palette
 from modeling_sak.predict import main
 
 
@@ -47,7 +47,8 @@ def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_fil
         for task in ("semseg", "normals", "edge", "depth"):
             assert Image.open(tmp_path / "out" / f"{stem}_{task}.png").size == (width, height)
         grid = Image.open(tmp_path / "out" / f"{stem}_grid.png")
-        assert grid.size == (5 * width, height + 16)  # input + 4 tasks under a title strip
+        line = grid_title_height(height)  # input + 4 tasks under a title strip, over their keys (6 lines)
+        assert grid.size == (5 * width, line + height + 6 * line)
     assert not list((tmp_path / "out").glob("broken*"))
 
     # The semseg picture is the NYUD-40 palette of this model's argmax on the batch's common padded canvas.
@@ -148,5 +149,6 @@ def test_predict_cli_reads_every_photo_mode_by_the_rules_and_refuses_depth_maps_
     assert f"wrote {5 * len(expected)} pictures for {len(expected)} image(s)" in result.stdout
     for stem, rgb in expected.items():
         grid = np.asarray(Image.open(tmp_path / "out" / f"{stem}_grid.png"))
-        np.testing.assert_array_equal(grid[16:, : rgb.shape[1]], rgb, err_msg=stem)  # the input panel: what was run
+        top = grid_title_height(rgb.shape[0])
+        np.testing.assert_array_equal(grid[top : top + rgb.shape[0], : rgb.shape[1]], rgb, err_msg=stem)  # the input
         assert Image.open(tmp_path / "out" / f"{stem}_depth.png").size == (rgb.shape[1], rgb.shape[0])

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import exits_with_error
 from datasets import Array2D, Array3D, Dataset, Features, Value, load_dataset
 from PIL import Image
 
@@ -97,35 +98,35 @@ def test_nyud_folder_converts_streams_and_batches_with_the_reference_label_value
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["skipped"] == []
 
 
-def test_missing_files_are_all_listed_before_anything_is_written(tmp_path):
+def test_missing_files_are_all_listed_before_anything_is_written(tmp_path, capsys):
     write_fake_nyud(tmp_path / "NYUD")
     (tmp_path / "NYUD" / "depth" / "0007.npy").unlink()
     (tmp_path / "NYUD" / "edge" / "0001.png").unlink()
-    with pytest.raises(FileNotFoundError, match=r"2 files are missing.*depth/0007.npy.*edge/0001.png"):
+    with exits_with_error(capsys, r"2 files are missing.*depth/0007.npy.*edge/0001.png"):
         main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
-def test_unreadable_and_mismatched_files_name_the_example(tmp_path):
+def test_unreadable_and_mismatched_files_name_the_example(tmp_path, capsys):
     write_fake_nyud(tmp_path / "NYUD")
     (tmp_path / "NYUD" / "images" / "0011.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match=r"0011: .*images/0011.png: cannot read the image \(UnidentifiedImageError"):
+    with exits_with_error(capsys, r"0011: .*images/0011.png: cannot read the image \(UnidentifiedImageError"):
         main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])
     write_fake_nyud(tmp_path / "NYUD2")
     np.save(tmp_path / "NYUD2" / "depth" / "0003.npy", np.ones((10, 10), np.float32))
-    with pytest.raises(ValueError, match=r"0003: depth is \(10, 10\) but the image is \(24, 32\)"):
+    with exits_with_error(capsys, r"0003: depth is \(10, 10\) but the image is \(24, 32\)"):
         main(["nyud", "--source", str(tmp_path / "NYUD2"), "--output_dir", str(tmp_path / "out2")])
 
 
-def test_an_image_that_is_not_a_photo_names_the_file_and_its_mode(tmp_path):
+def test_an_image_that_is_not_a_photo_names_the_file_and_its_mode(tmp_path, capsys):
     write_fake_nyud(tmp_path / "NYUD")
     depth_mm = np.full(SIZE, 1500, np.uint16)
     depth_mm[0, 0], depth_mm[1, 1] = 0, 6625  # a NYU sync depth PNG put among the images
     Image.fromarray(depth_mm).save(tmp_path / "NYUD" / "images" / "0007.png")
     path = tmp_path / "NYUD" / "images" / "0007.png"
-    with pytest.raises(
-        ValueError,
-        match=rf"^0007: {path}: mode I;16 \(16-bit single channel, values 0..6625\) is "
+    with exits_with_error(
+        capsys,
+        rf"^0007: {path}: mode I;16 \(16-bit single channel, values 0..6625\) is "
         "not a photo; SAK expects an 8-bit RGB or grayscale photo",
     ):
         main(["nyud", "--source", str(tmp_path / "NYUD"), "--output_dir", str(tmp_path / "out")])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import exits_with_error
 from PIL import Image
 from scipy.io import loadmat, savemat
 from scipy.ndimage import convolve
@@ -177,48 +178,48 @@ def test_pascal_folder_converts_streams_and_batches_with_the_reference_label_val
     assert batch["pixel_values"].shape == (2, 3, 16, 16) and set(batch["labels"]) >= set(PASCAL_TASKS)
 
 
-def test_missing_and_bad_pascal_files_are_named(tmp_path):
+def test_missing_and_bad_pascal_files_are_named(tmp_path, capsys):
     write_fake_pascal(tmp_path / "P")
     (tmp_path / "P" / "human_parts" / "2008_000003.mat").unlink()
     (tmp_path / "P" / "pascal-context" / "trainval" / "2008_000007.mat").unlink()
-    with pytest.raises(
-        FileNotFoundError,
-        match=r"2 files are missing.*human_parts/2008_000003.mat.*pascal-context/trainval/2008_000007.mat",
+    with exits_with_error(
+        capsys,
+        r"2 files are missing.*human_parts/2008_000003.mat.*pascal-context/trainval/2008_000007.mat",
     ):
         main(["pascal_context", "--source", str(tmp_path / "P"), "--output_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
     write_fake_pascal(tmp_path / "Q")
     (tmp_path / "Q" / "sal_distill" / "2008_000003.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="2008_000003: unreadable file"):
+    with exits_with_error(capsys, "2008_000003: unreadable file"):
         main(["pascal_context", "--source", str(tmp_path / "Q"), "--output_dir", str(tmp_path / "out")])
 
     write_fake_pascal(tmp_path / "R")
     Image.fromarray(np.full(SIZE, 30, np.uint8)).save(tmp_path / "R" / "semseg" / "pascal-context" / "2008_000007.png")
-    with pytest.raises(ValueError, match=r"2008_000007: semseg has ids \[30\] outside 0..20 and 255"):
+    with exits_with_error(capsys, r"2008_000007: semseg has ids \[30\] outside 0..20 and 255"):
         main(["pascal_context", "--source", str(tmp_path / "R"), "--output_dir", str(tmp_path / "out")])
 
     write_fake_pascal(tmp_path / "T")  # a 16-bit single-channel map where the photo should be
     (tmp_path / "T" / "JPEGImages" / "2008_000002.jpg").unlink()
     path = tmp_path / "T" / "JPEGImages" / "2008_000002.png"
     Image.fromarray(np.arange(SIZE[0] * SIZE[1], dtype=np.uint16).reshape(SIZE) * 10).save(path)
-    with pytest.raises(
-        ValueError,
-        match=rf"^2008_000002: {path}: mode I;16 \(16-bit single channel, values 0..5590\) "
+    with exits_with_error(
+        capsys,
+        rf"^2008_000002: {path}: mode I;16 \(16-bit single channel, values 0..5590\) "
         "is not a photo; SAK expects an 8-bit RGB or grayscale photo",
     ):
         main(["pascal_context", "--source", str(tmp_path / "T"), "--output_dir", str(tmp_path / "out")])
 
     write_fake_pascal(tmp_path / "S")
     (tmp_path / "S" / "json" / "nyu_classes.json").unlink()
-    with pytest.raises(FileNotFoundError, match="nyu_classes.json is missing"):
+    with exits_with_error(capsys, "nyu_classes.json is missing"):
         main(["pascal_context", "--source", str(tmp_path / "S"), "--output_dir", str(tmp_path / "out")])
 
 
-def test_another_class_count_needs_its_class_names(tmp_path):
+def test_another_class_count_needs_its_class_names(tmp_path, capsys):
     write_fake_pascal(tmp_path / "P")
     arguments = ["pascal_context", "--source", str(tmp_path / "P"), "--output_dir", str(tmp_path / "out")]
-    with pytest.raises(ValueError, match="num_classes=25 but 0 class names are given; pass one name per class"):
+    with exits_with_error(capsys, "num_classes=25 but 0 class names are given; pass one name per class"):
         main([*arguments, "--num_classes", "25"])
     assert not (tmp_path / "out").exists()
     names = [f"class {i}" for i in range(25)]

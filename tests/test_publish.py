@@ -7,7 +7,7 @@ import json
 import huggingface_hub
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import exits_with_error, tiny_config
 from huggingface_hub import ModelCard, metadata_load
 
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
@@ -63,20 +63,18 @@ def test_publish_uploads_only_a_folder_that_loads(tmp_path, monkeypatch):
     assert calls == [("create", "org/sak-tiny"), ("upload", "org/sak-tiny")]
 
 
-def test_broken_folders_are_refused_with_the_reason(tmp_path, monkeypatch):
+def test_broken_folders_are_refused_with_the_reason(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: pytest.fail("uploaded"))
     write_checkpoint(tmp_path / "missing_code")
     (tmp_path / "missing_code" / "losses.py").unlink()
-    with pytest.raises(ValueError, match="missing code file losses.py"):
+    with exits_with_error(capsys, "missing code file losses.py"):
         main(["--checkpoint", str(tmp_path / "missing_code"), "--repo_id", "org/x"])
     write_checkpoint(tmp_path / "bad_config")
     config = json.loads((tmp_path / "bad_config" / "config.json").read_text())
     config["down_ratio"] = 0
     (tmp_path / "bad_config" / "config.json").write_text(json.dumps(config))
     check_folder(tmp_path / "bad_config")  # the files are all there ...
-    with pytest.raises(
-        ValueError, match="(?s)does not load with trust_remote_code.*down_ratio=0"
-    ):  # ... but it does not load
+    with exits_with_error(capsys, "(?s)does not load with trust_remote_code.*down_ratio=0"):  # ... but does not load
         main(["--checkpoint", str(tmp_path / "bad_config"), "--repo_id", "org/x"])
     (tmp_path / "no_card").mkdir()
     with pytest.raises(ValueError, match="missing config.json; missing model.safetensors"):
@@ -100,7 +98,7 @@ def test_card_for_a_converted_reference_checkpoint(tmp_path, tiny_vit_stems):
     assert "dinov2 (" in card and "reported by the authors" not in card  # a tiny stem is not a released configuration
 
 
-def test_a_sharded_checkpoint_is_checked_shard_by_shard_loaded_and_uploaded(tmp_path, monkeypatch):
+def test_a_sharded_checkpoint_is_checked_shard_by_shard_loaded_and_uploaded(tmp_path, monkeypatch, capsys):
     from safetensors import safe_open
 
     write_checkpoint(tmp_path / "sharded", max_shard_size="100KB")
@@ -123,7 +121,7 @@ def test_a_sharded_checkpoint_is_checked_shard_by_shard_loaded_and_uploaded(tmp_
     # A missing shard is refused by name before anything loads or uploads; so is a shard without its tensors.
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: pytest.fail("uploaded"))
     (folder / shards[1]).rename(tmp_path / "aside.safetensors")
-    with pytest.raises(ValueError, match=rf"missing shard {shards[1]} \(named by model.safetensors.index.json\)"):
+    with exits_with_error(capsys, rf"missing shard {shards[1]} \(named by model.safetensors.index.json\)"):
         main(["--checkpoint", str(folder), "--repo_id", "org/sak-tiny"])
     (tmp_path / "aside.safetensors").rename(folder / shards[1])
     (folder / shards[2]).write_bytes((folder / shards[0]).read_bytes())

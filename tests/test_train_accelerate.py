@@ -298,9 +298,23 @@ def test_help_explains_every_flag():
         (["--scale_range", "0.5", "2"], "scale_range", [0.5, 2.0]),
         (["--tasks", "semseg=40", "depth=1"], "tasks", {"semseg": 40, "depth": 1}),
         (["--tasks", "{semseg: 40, depth: 1}"], "tasks", {"semseg": 40, "depth": 1}),
-        (["--task_loss_weights", "semseg=1", "depth=0.5"], "task_loss_weights", {"semseg": 1, "depth": 0.5}),
+        (  # the weights named; the other tasks keep theirs
+            ["--task_loss_weights", "semseg=1", "depth=0.5"],
+            "task_loss_weights",
+            {"semseg": 1, "normals": 10, "edge": 50, "depth": 0.5},
+        ),
         (["--stem", "hidden_size=384", "num_hidden_layers=12"], "stem", {"hidden_size": 384, "num_hidden_layers": 12}),
-        (["--toyrooms", "num_train=20", "num_test=4"], "toyrooms", {"num_train": 20, "num_test": 4}),
+        (  # the settings named; the others keep their defaults
+            ["--toyrooms", "num_train=20", "num_test=4"],
+            "toyrooms",
+            {
+                "num_train": 20,
+                "num_test": 4,
+                "seed": 0,
+                "teacher_steps": {"geometry": 800, "semantics": 300},
+                "teacher_learning_rate": {"geometry": 1e-3, "semantics": 2e-3},
+            },
+        ),
         (["--lora", "r=4", "alpha=8"], "lora", {"r": 4, "alpha": 8}),
         (["--lora", "{r: 4}"], "lora", {"r": 4}),
         (

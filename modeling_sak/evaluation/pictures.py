@@ -126,22 +126,84 @@ def prediction_grid(pixel_values, labels, task_outputs, path: str | Path, num_cl
     return path
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:  # Pillow >= 10.1 scales its built-in font
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _legend(task: str, value: torch.Tensor, num_classes: int, id2label: dict | None, width: int, line: int):
+    """The key of one task's panel, `width` pixels wide, one text line `line` pixels high (uint8 RGB): the classes
+    it shows most (colour and name), the depth colour bar in metres, the normals' RGB encoding, or the probability
+    scale."""
+    import matplotlib
+    from PIL import Image, ImageDraw
+
+    rows = 6
+    canvas = Image.new("RGB", (width, rows * line), "white")
+    draw, font = ImageDraw.Draw(canvas), _font(max(8, int(line * 0.7)))
+    post_processing = TASKS[task].post_processing if task in TASKS else None
+    pad = max(2, line // 5)
+    if post_processing == "class_ids":
+        ids = value.reshape(value.shape[-2:]).long()
+        present = [i for i in torch.bincount(ids.flatten(), minlength=256).argsort(descending=True).tolist()]
+        colours = palette(task, num_classes)
+        shown = [i for i in present if i != IGNORE_INDEX and (ids == i).any()][:rows]
+        for row, index in enumerate(shown):
+            top = row * line
+            draw.rectangle([pad, top + pad, pad + line - 2 * pad, top + line - pad], fill=tuple(colours[index]))
+            name = (id2label or {}).get(index, (id2label or {}).get(str(index), f"class {index}"))
+            draw.text((line + pad, top + pad // 2), str(name), fill="black", font=font)
+    elif post_processing in ("depth", "sigmoid", "softmax") or task in ("edge", "sal"):
+        depth = post_processing == "depth"
+        values = value.reshape(value.shape[-2:]).float()
+        valid = values[values != IGNORE_INDEX] if depth else values
+        low, high = (float(valid.min()), float(valid.max())) if depth and valid.numel() else (0.0, 1.0)
+        ramp = np.linspace(0, 1, max(1, width - 2 * pad))
+        colours = matplotlib.colormaps["magma_r"](ramp)[..., :3] if depth else np.repeat(ramp[:, None], 3, axis=1)
+        bar = np.repeat((colours * 255).astype(np.uint8)[None], line, axis=0)
+        canvas.paste(Image.fromarray(bar), (pad, pad))
+        unit = " m" if depth else ""
+        label = "depth" if depth else "probability"
+        draw.text((pad, line + pad), f"{low:.2f}{unit}", fill="black", font=font)
+        right = f"{high:.2f}{unit}"
+        draw.text((width - pad - draw.textlength(right, font=font), line + pad), right, fill="black", font=font)
+        draw.text((pad, 2 * line + pad), label, fill="black", font=font)
+    elif post_processing == "unit_normals":  # RGB = (n + 1) / 2 of the unit normal's camera-frame x, y, z
+        keys = (
+            ("R = x of the normal", (255, 128, 128)),
+            ("G = y", (128, 255, 128)),
+            ("B = z (camera frame)", (128, 128, 255)),
+        )
+        for row, (text, colour) in enumerate(keys):
+            top = row * line
+            draw.rectangle([pad, top + pad, pad + line - 2 * pad, top + line - pad], fill=colour)
+            draw.text((line + pad, top + pad // 2), text, fill="black", font=font)
+    return np.asarray(canvas)
+
+
 def save_task_pictures(
     image: np.ndarray | None,
     predictions: dict[str, torch.Tensor],
     directory: str | Path,
     stem: str,
     num_classes: dict[str, int] | None = None,
+    id2label: dict | None = None,
 ) -> list[Path]:
     """Write one PNG per task (`{stem}_{task}.png`: palette ids, depth colour map, normals as RGB, boundary and
-    saliency probabilities in grey) and `{stem}_grid.png` (the image, if given, then every task side by side).
+    saliency probabilities in grey) and `{stem}_grid.png`: the image, if given, then every task side by side under
+    titles scaled to the picture's height, and under each task its key (the classes it shows most, named by
+    `id2label`; the depth colour bar in metres; the normals' RGB encoding; the probability scale).
 
     `predictions` are post-processed maps of one image (`SAKImageProcessor.post_process_multi_task`)."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    written, cells, headers = [], [], []
+    written, cells, headers, tasks = [], [], [], []
     if image is not None:
         cells.append(np.asarray(image, dtype=np.uint8))
         headers.append("input")
@@ -152,11 +214,29 @@ def save_task_pictures(
         written.append(path)
         cells.append(rgb)
         headers.append(task)
+        tasks.append(task)
     if cells and len({cell.shape for cell in cells}) == 1:
-        grid = _with_headers(np.concatenate(cells, axis=1), headers, cells[0].shape[1])
+        height, width = cells[0].shape[:2]
+        line = grid_title_height(height)
+        title = Image.new("RGB", (width * len(cells), line), "white")
+        draw, font = ImageDraw.Draw(title), _font(max(8, int(line * 0.7)))
+        for column, text in enumerate(headers):
+            draw.text((column * width + line // 4, line // 8), text, fill="black", font=font)
+        keys = [np.full((6 * line, width, 3), 255, np.uint8)] * (image is not None)
+        keys += [
+            _legend(task, predictions[task], (num_classes or {}).get(task, 40), id2label, width, line)
+            for task in tasks
+        ]
+        grid = np.concatenate([np.asarray(title), np.concatenate(cells, axis=1), np.concatenate(keys, axis=1)])
         Image.fromarray(grid).save(directory / f"{stem}_grid.png")
         written.append(directory / f"{stem}_grid.png")
     return written
+
+
+def grid_title_height(height: int) -> int:
+    """Pixels of the title strip (and of one legend line) of a `save_task_pictures` grid of `height`-pixel panels:
+    readable at the saved size, at least 16."""
+    return max(16, round(height / 16))
 
 
 def router_bar_chart(router_weights: dict[str, torch.Tensor], experts: list[str], path: str | Path):
