@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from modeling_sak.cli import bad_input_exits, progress_bar
+from modeling_sak.cli import advance, bad_input_exits, progress_bar
 from modeling_sak.evaluation.loop import evaluate, evaluation_mode
 from modeling_sak.evaluation.registry import METRICS_VERSION
 from modeling_sak.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_overrides
@@ -203,8 +203,7 @@ def train(
             if not getattr(optimizer, "step_was_skipped", False):  # fp16: the GradScaler skipped an inf/nan step
                 scheduler.step()
             loss_history.append(accelerator.reduce(outputs.loss.detach(), "mean").item())
-            progress.update()
-            progress.set_postfix(loss=f"{outputs.loss.item():.3f}", lr=f"{lr_history[-1]:.2e}")
+            advance(progress, loss=f"{outputs.loss.item():.3f}", lr=f"{lr_history[-1]:.2e}")
             if recipe.logging_steps and step % recipe.logging_steps == 0:
                 logs = {"loss": outputs.loss.item(), "lr": lr_history[-1]}
                 logs |= {f"loss/{k}": v.item() for k, v in (outputs.task_losses or {}).items()}

@@ -71,3 +71,11 @@ def progress_bar(**kwargs: Any):
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
     return tqdm(**kwargs)
+
+
+def advance(progress, **postfix: str) -> None:
+    """One step of a `progress_bar` with its postfix (e.g. `loss="0.123"`): the postfix is stored without a redraw
+    (tqdm's `set_postfix` redraws by default, which would defeat `mininterval`) and shown by the update's own
+    redraw."""
+    progress.set_postfix(postfix, refresh=False)
+    progress.update()

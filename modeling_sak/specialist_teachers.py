@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from .cli import bad_input_exits, progress_bar
+from .cli import advance, bad_input_exits, progress_bar
 from .data.loading import MultiTaskStream, load_multitask_split
 from .data.toyrooms import CLASSES, OpenedRows
 from .data.transforms import MultiTaskTransform
@@ -117,8 +117,7 @@ def train_specialist(
             optimizer.step()
             scheduler.step()
             step += 1
-            progress.update()
-            progress.set_postfix(loss=f"{loss.item():.3f}")
+            advance(progress, loss=f"{loss.item():.3f}")
             if step == steps:
                 break
         epoch += 1

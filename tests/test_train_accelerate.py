@@ -21,8 +21,12 @@ sys.path.insert(0, str(ROOT))
 STEM = "{model_type: vit, hidden_size: 32, num_hidden_layers: 4, num_attention_heads: 2, intermediate_size: 64, patch_size: 8}"
 
 
-def run(args: list[str], launcher: list[str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run(
+    args: list[str], launcher: list[str] | None = None, check: bool = True, progress: bool = False
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    if progress:
+        env.pop("TQDM_DISABLE")
     command = (launcher or [sys.executable]) + [str(ROOT / "train_accelerate.py"), *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
@@ -59,6 +63,15 @@ def tiny_args(assets, output_dir, *extra) -> list[str]:
         "0",
         *extra,
     ]
+
+
+def test_progress_bar_writes_a_few_lines_to_a_redirected_log(assets, tmp_path):
+    # stderr is a pipe here, as in `... 2> train.log`: the bar must not redraw on every step (tqdm's set_postfix
+    # redraws by default, whatever mininterval says).
+    result = run(tiny_args(assets, tmp_path / "run", "--max_steps", "12", "--eval_split", ""), progress=True)
+    draws = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("training SAK")]
+    assert 1 <= len(draws) <= 3, draws
+    assert "12/12" in draws[-1] and "loss=" in draws[-1]
 
 
 @pytest.mark.slow
