@@ -12,28 +12,44 @@ import torch.nn.functional as F
 from torch import nn
 
 
-@functools.lru_cache(maxsize=64)
 def bilinear_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """`(out_size, in_size)` float64 matrix of the bilinear resize along one axis, as `F.interpolate(...,
     size=..., mode="bilinear", align_corners=False)` computes it (edge clamping included): row `y` holds the weights
-    of the inputs of output `y`."""
-    # Cached, so made as a normal tensor even under inference mode: autograd may save it in a later training step.
+    of the inputs of output `y`. Cached per size pair; under `torch.export` (symbolic sizes) built in the graph, in
+    float32 (ONNX Runtime's Resize has no float64 kernel)."""
+    if torch.compiler.is_exporting():
+        return _bilinear_resize_matrix(in_size, out_size, torch.float32)
+    return _cached_bilinear_resize_matrix(in_size, out_size)
+
+
+def _bilinear_resize_matrix(in_size: int, out_size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    # Made as a normal tensor even under inference mode: the cached one may be saved by autograd in a later step.
     with torch.inference_mode(False), torch.no_grad():
-        identity = torch.eye(in_size, dtype=torch.float64).view(in_size, 1, in_size, 1)
+        identity = torch.eye(in_size, dtype=dtype).view(in_size, 1, in_size, 1)
         return F.interpolate(identity, size=(out_size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T
 
 
-@functools.lru_cache(maxsize=64)
 def _tap_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
     """`[A_0 | A_1 | A_2]` of shape `(out_size, 3 * in_size)` (float64) for one axis.
 
     `A_d[y, i]` is the weight of input position `i` in the value that a 3-tap window (zero padding 1) reads at tap
     `d` for output position `y`: the bilinear resize ([`bilinear_resize_matrix`]) read at `y + d - 1`, and 0 where
-    that falls outside `[0, out_size)` (the conv's zero padding).
+    that falls outside `[0, out_size)` (the conv's zero padding). Cached and exported like
+    [`bilinear_resize_matrix`].
     """
+    if torch.compiler.is_exporting():
+        return _build_tap_resize_matrix(in_size, out_size)
+    return _cached_tap_resize_matrix(in_size, out_size)
+
+
+def _build_tap_resize_matrix(in_size: int, out_size: int) -> torch.Tensor:
     with torch.inference_mode(False), torch.no_grad():
         padded = F.pad(bilinear_resize_matrix(in_size, out_size), (0, 0, 1, 1))  # rows -1 and out_size read zeros
         return torch.cat([padded[d : d + out_size] for d in range(3)], dim=1)
+
+
+_cached_bilinear_resize_matrix = functools.lru_cache(maxsize=64)(_bilinear_resize_matrix)
+_cached_tap_resize_matrix = functools.lru_cache(maxsize=64)(_build_tap_resize_matrix)
 
 
 def resize_channels_last(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -74,7 +74,7 @@ def resize_position_embeddings(
 
     Prefix (class) positions are kept; `old_grid` may be non-square (e.g. 28 x 36 for 448 x 576 inputs).
     """
-    if tuple(old_grid) == tuple(new_grid):
+    if not torch.compiler.is_exporting() and tuple(old_grid) == tuple(new_grid):  # export: one graph for every size
         return position_embeddings
     prefix, patches = position_embeddings[:, :num_prefix], position_embeddings[:, num_prefix:]
     dim = patches.shape[-1]
@@ -495,11 +495,13 @@ class SAKForMultiTask(SAKPreTrainedModel):
         self._check_pixel_values(pixel_values)
         height, width = pixel_values.shape[-2:]
         patch_h, patch_w = self.config.patch_size
-        pad_h, pad_w = (-height) % patch_h, (-width) % patch_w
-        if pad_h or pad_w:
+        # Ceil division with a non-negative numerator: torch.export bounds it, and ONNX's integer Div (which truncates)
+        # computes it as Python does.
+        grid = ((height + patch_h - 1) // patch_h, (width + patch_w - 1) // patch_w)
+        padded_size = (grid[0] * patch_h, grid[1] * patch_w)
+        pad_h, pad_w = padded_size[0] - height, padded_size[1] - width
+        if torch.compiler.is_exporting() or pad_h or pad_w:  # export: one graph for every size
             pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
-        padded_size = (height + pad_h, width + pad_w)
-        grid = (padded_size[0] // patch_h, padded_size[1] // patch_w)
 
         hidden_states = self.stem(pixel_values)
         path_features = {name: path(hidden_states) for name, path in self.teacher_paths.items()}
@@ -507,9 +509,11 @@ class SAKForMultiTask(SAKPreTrainedModel):
         # Every router and head of a level reads it: the strided slice is copied out once, not once per reader.
         stem_levels = [hidden_states[block + 1][:, prefix:].contiguous() for block in self.config.out_indices]
         task_features, router_weights = self._mix_representations(stem_levels, path_features, list(tasks))
-        task_outputs = {
-            task: self.heads[task](task_features[task], grid, padded_size)[..., :height, :width] for task in tasks
-        }
+        task_outputs = {task: self.heads[task](task_features[task], grid, padded_size) for task in tasks}
+        if torch.compiler.is_exporting():  # a negative pad crops without the slice's bound check on the symbolic size
+            task_outputs = {task: F.pad(output, (0, -pad_w, 0, -pad_h)) for task, output in task_outputs.items()}
+        else:
+            task_outputs = {task: output[..., :height, :width] for task, output in task_outputs.items()}
         return hidden_states, path_features, task_outputs, router_weights, grid
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:

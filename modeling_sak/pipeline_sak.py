@@ -7,6 +7,7 @@ trust_remote_code=True)`, the checkpoint's only custom pipeline) builds it where
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -19,15 +20,16 @@ from .tasks_sak import TASKS
 
 
 try:
-    from PIL import Image
+    from PIL import Image, ImageOps
 except ImportError:  # pragma: no cover - PIL is a transformers vision dependency
-    Image = None
+    Image = ImageOps = None
 
 
 PIPELINE_TASK = "sak-multi-task"
 # What a task's result is called in the pipeline's output: `predicted_{name}` (a tensor) and `{name}` (a PIL image).
 MAP_NAMES = {"depth": "depth", "normals": "normals", "edge": "boundaries", "sal": "saliency"}
 TASK_PREFIX = "task_outputs."  # the keys of the task outputs between `_forward` and `postprocess`
+ROUTER_PREFIX = "router_weights."  # the MoR router weights, likewise
 
 
 def custom_pipelines() -> dict[str, dict[str, Any]]:
@@ -77,7 +79,9 @@ class SAKMultiTaskPipeline(Pipeline):
     >>> result["depth"]["predicted_depth"].shape, [segment["label"] for segment in result["semseg"]][:3]
     ```
 
-    Call arguments: `tasks` (a list of task names, default all of the model's), `timeout` (for image URLs).
+    Call arguments: `tasks` (a list of task names, default all of the model's), `timeout` (for image URLs),
+    `return_router_weights` (default False: adds `"router_weights"`, task -> `(levels, 1 + teachers)` tensor of the
+    MoR routers' weights, the stem's path first, then `config.teachers` in order; absent for a model without routers).
     Raises a `ValueError` for a model without task heads (a stage-1 student: use "image-feature-extraction").
     """
 
@@ -95,11 +99,22 @@ class SAKMultiTaskPipeline(Pipeline):
                 'distillation-only student): use pipeline("image-feature-extraction", ...) for its features'
             )
 
-    def _sanitize_parameters(self, tasks: list[str] | None = None, timeout: float | None = None, **kwargs):
+    def _sanitize_parameters(
+        self,
+        tasks: list[str] | None = None,
+        timeout: float | None = None,
+        return_router_weights: bool | None = None,
+        **kwargs,
+    ):
         if kwargs:
-            raise ValueError(f"unknown {PIPELINE_TASK} pipeline arguments {sorted(kwargs)}; it takes tasks, timeout")
+            raise ValueError(
+                f"unknown {PIPELINE_TASK} pipeline arguments {sorted(kwargs)}; it takes tasks, timeout, "
+                "return_router_weights"
+            )
         preprocess_params = {"timeout": timeout} if timeout is not None else {}
         postprocess_params = {}
+        if return_router_weights is not None:
+            postprocess_params["return_router_weights"] = bool(return_router_weights)
         if tasks is not None:
             tasks = [tasks] if isinstance(tasks, str) else list(tasks)
             unknown = [task for task in tasks if task not in self.model.config.tasks]
@@ -111,7 +126,14 @@ class SAKMultiTaskPipeline(Pipeline):
         return preprocess_params, {}, postprocess_params
 
     def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        image = load_image(image, timeout=timeout)
+        # transformers' load_image converts every image to RGB, which would turn a 16-bit depth map into a clipped
+        # photo: PIL images and local files reach the processor as they are, so its photo rules apply
+        # (image_io_sak); URLs and base64 strings go through load_image.
+        if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")) and os.path.isfile(image):
+            opened = Image.open(image)
+            image = ImageOps.exif_transpose(opened) or opened
+        elif not isinstance(image, Image.Image):
+            image = load_image(image, timeout=timeout)
         return self.image_processor(images=[image], return_tensors="pt").to(self.dtype)
 
     def _forward(self, model_inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -124,11 +146,14 @@ class SAKMultiTaskPipeline(Pipeline):
         # A flat dict of batched tensors: what the pipeline's iterator splits into single images with batch_size > 1.
         return {
             **{f"{TASK_PREFIX}{task}": value for task, value in outputs.task_outputs.items()},
+            **{f"{ROUTER_PREFIX}{task}": value for task, value in (outputs.router_weights or {}).items()},
             "original_sizes": model_inputs["original_sizes"],
             "content_boxes": model_inputs["content_boxes"],
         }
 
-    def postprocess(self, model_outputs: dict[str, Any], tasks: list[str] | None = None) -> dict[str, Any]:
+    def postprocess(
+        self, model_outputs: dict[str, Any], tasks: list[str] | None = None, return_router_weights: bool = False
+    ) -> dict[str, Any]:
         task_outputs = {
             key.removeprefix(TASK_PREFIX): value.float()
             for key, value in model_outputs.items()
@@ -137,7 +162,15 @@ class SAKMultiTaskPipeline(Pipeline):
         predictions = self.image_processor.post_process_multi_task(
             task_outputs, model_outputs["original_sizes"], model_outputs["content_boxes"]
         )[0]
-        return {task: self._format(task, predictions[task]) for task in (tasks or predictions)}
+        result = {task: self._format(task, predictions[task]) for task in (tasks or predictions)}
+        routers = {
+            key.removeprefix(ROUTER_PREFIX): value[0].float()
+            for key, value in model_outputs.items()
+            if key.startswith(ROUTER_PREFIX)
+        }
+        if return_router_weights and routers:
+            result["router_weights"] = {task: routers[task] for task in (tasks or routers)}
+        return result
 
     def _format(self, task: str, prediction: torch.Tensor) -> Any:
         kind = TASKS[task].post_processing if task in TASKS else None

@@ -230,9 +230,30 @@ def test_the_multi_task_pipeline_in_process_and_its_arguments(tmp_path):
             ("edge", "predicted_boundaries"),
         ):
             torch.testing.assert_close(together[task][name], single[task][name], rtol=0, atol=1e-5)
+    with_routers = sak(photo(), return_router_weights=True)
+    with torch.no_grad():
+        routers = model(**processor(photo())).router_weights
+    assert set(with_routers["router_weights"]) == set(model.config.tasks)
+    for task, weights in with_routers["router_weights"].items():
+        assert weights.shape == (len(model.config.out_indices), 1 + len(model.config.teachers))
+        torch.testing.assert_close(weights, routers[task][0], rtol=0, atol=0)
+    assert "router_weights" not in results[0]
+    # The processor's photo rules, not transformers' load_image (which makes everything RGB), see the image.
+    depth_map = Image.fromarray(np.full((40, 60), 2500, dtype=np.uint16))
+    depth_map.save(tmp_path / "sync_depth.png")
+    for given in (depth_map, str(tmp_path / "sync_depth.png")):
+        with pytest.raises(ValueError, match=r"I;16"):
+            sak(given)
+    photo().save(tmp_path / "photo.png")
+    torch.testing.assert_close(
+        sak(str(tmp_path / "photo.png"))["depth"]["predicted_depth"], results[0]["depth"]["predicted_depth"]
+    )
     with pytest.raises(ValueError, match=r"tasks \['sal'\] are not tasks of this model"):
         sak(photo(), tasks=["sal"])
-    with pytest.raises(ValueError, match=r"unknown sak-multi-task pipeline arguments \['threshold'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown sak-multi-task pipeline arguments \['threshold'\]; it takes tasks, timeout, return_",
+    ):
         sak(photo(), threshold=0.5)
     segmenter = pipeline(
         "image-segmentation", model=SAKForSemanticSegmentation.from_pretrained(tmp_path), image_processor=processor

@@ -71,7 +71,8 @@ def test_resized_conv3x3_names_mismatched_shapes():
 def test_resize_matrices_made_under_inference_mode_serve_a_later_training_step():
     """The matrices are cached: one first made under `torch.inference_mode()` (predict, evaluation) must still be
     usable when autograd saves it for backward."""
-    fast_path_sak._tap_resize_matrix.cache_clear()
+    fast_path_sak._cached_tap_resize_matrix.cache_clear()
+    fast_path_sak._cached_bilinear_resize_matrix.cache_clear()
     tokens = torch.randn(1, 6, 4, dtype=torch.float64)
     weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
     with torch.inference_mode():
