@@ -163,3 +163,23 @@ def test_a_bad_file_shows_the_reason_in_the_page(app, browser, tmp_path, name, c
     upload_and_predict(browser, app, path)
     WebDriverWait(browser, 120).until(lambda b: message in b.find_element("tag name", "body").text)
     assert "Traceback" not in browser.find_element("tag name", "body").text
+
+
+def test_a_photo_over_the_size_limit_and_a_missing_upload_are_named(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sak_demo_app", APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    huge = tmp_path / "panorama.png"
+    Image.new("RGB", (app.MAX_SIDE + 1, 10)).save(huge)
+    with pytest.raises(
+        ValueError, match=r"panorama.png is 2049x10 pixels; this demo takes up to 2048 pixels per side"
+    ):
+        app.open_photo(str(huge))
+    with pytest.raises(ValueError, match="upload an image"):
+        app.open_photo(None)
+    with pytest.raises(SystemExit, match="accelerate launch train_accelerate.py"):
+        app.DEFAULT_RUN = tmp_path / "no-run"
+        os.environ.pop("SAK_MODEL", None)
+        app.resolve_model(None)
