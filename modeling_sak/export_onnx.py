@@ -3,8 +3,9 @@
     python -m modeling_sak.export_onnx outputs/sak-toyrooms/final --output outputs/sak-toyrooms/onnx
 
 What is exported: the deployed model (`optimize_for_inference(dtype=None)`: BatchNorm folded, the low-resolution
-heads) in float32, every task head and the MoR router weights, with a dynamic batch size, height and width (from
-`patch_size + 1` pixels up; other sizes are padded right/bottom and cropped back inside the graph, as in PyTorch).
+heads) in float32, every task head and the MoR router weights, with a dynamic batch size (1 to 64), height and width
+(`patch_size + 1` to 4096 pixels; sizes that are not a patch multiple are padded right/bottom and cropped back inside
+the graph, as in PyTorch).
 Outputs, in this order: one `(batch_size, channels, height, width)` raw map per task of `config.tasks` (named after the
 task: semseg logits, depth in metres before the clamp, normals before normalisation, boundary logits), then
 `router_weights_<task>` `(batch_size, levels, 1 + teachers)` per task when the model has routers, then
@@ -25,6 +26,7 @@ left in `--output`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -42,6 +44,7 @@ from .configuration_sak import SAKConfig
 PROG = "python -m modeling_sak.export_onnx"
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "onnx_export.json"
+MAX_SIZE, MAX_BATCH = 4096, 64  # the exported graph's bounds on height / width and on the batch size
 
 
 def require_onnx_extra() -> None:
@@ -101,10 +104,11 @@ def export_program(wrapper: SAKForOnnx, example: torch.Tensor):
     exported graph fixed any of them (the exporter falls back to fixed shapes when it cannot keep them)."""
     patch_h, patch_w = wrapper.model.config.patch_size
     dims = {
-        0: torch.export.Dim("batch_size", min=1, max=64),
-        2: torch.export.Dim("height", min=patch_h + 1, max=4096),
-        3: torch.export.Dim("width", min=patch_w + 1, max=4096),
+        0: torch.export.Dim("batch_size", min=1, max=MAX_BATCH),
+        2: torch.export.Dim("height", min=patch_h + 1, max=MAX_SIZE),
+        3: torch.export.Dim("width", min=patch_w + 1, max=MAX_SIZE),
     }
+    # Not under torch.no_grad(): there torch 2.14's exporter fails in its decomposition step (an IndexError).
     program = torch.onnx.export(
         wrapper,
         (example,),
@@ -169,13 +173,11 @@ def export_onnx(
     patch = model.config.patch_size
     check_sizes = [tuple(size) for size in (check_sizes or default_check_sizes(model.config))]
     for height, width in check_sizes:
-        if height <= patch[0] or width <= patch[1]:
+        if not (patch[0] < height <= MAX_SIZE and patch[1] < width <= MAX_SIZE):
             raise ValueError(
-                f"check size {height}x{width}: the export takes images of at least {patch[0] + 1}x{patch[1] + 1} "
-                f"pixels (patch size {patch[0]}x{patch[1]}, at least two patches per side)"
+                f"check size {height}x{width}: the export takes images of {patch[0] + 1}x{patch[1] + 1} to "
+                f"{MAX_SIZE}x{MAX_SIZE} pixels (patch size {patch[0]}x{patch[1]}: at least two patches per side)"
             )
-
-    import copy
 
     wrapper = SAKForOnnx(copy.deepcopy(model).optimize_for_inference(dtype=None)).eval()
     reference = SAKForOnnx(model).eval()

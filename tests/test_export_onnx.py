@@ -141,3 +141,11 @@ def test_an_export_above_the_tolerance_is_refused_and_leaves_nothing(trained_run
     with exits_with_error(capsys, r"differs from PyTorch's by .* above the tolerance 1e-15; nothing was written"):
         main([str(final), "--output", str(tmp_path / "refused"), "--tolerance", "1e-15"])
     assert not (tmp_path / "refused").exists()
+
+
+def test_check_sizes_outside_the_graph_bounds_are_named(trained_run, tmp_path, capsys):
+    final, _ = trained_run
+    for size in ("8x64", "5000x64"):
+        with exits_with_error(capsys, rf"check size {size}: the export takes images of 9x9 to 4096x4096 pixels"):
+            main([str(final), "--output", str(tmp_path / "out"), "--check_sizes", size])
+    assert not (tmp_path / "out").exists()
