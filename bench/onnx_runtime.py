@@ -28,7 +28,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from modeling_sak import SAKImageProcessor
-    from modeling_sak.export_onnx import SAKForOnnx, export_onnx
+    from modeling_sak.export_onnx import SAKForOnnx, export_onnx, relative_errors
 
     torch.set_num_threads(args.threads)
     size = tuple(args.size)
@@ -127,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[variant].append(time.perf_counter() - start)
         reference = run("torch-fp32")
         got = run("onnxruntime-fp32")
-        errors = {
-            output: float(np.abs(value - expected.numpy()).max() / (np.abs(expected.numpy()).max() or 1.0))
-            for output, value, expected in zip(report["outputs"], got, reference)
-        }
+        errors = relative_errors(reference, got, report["outputs"])
         medians = {variant: statistics.median(values) for variant, values in times.items()}
         results["models"][name] = {
             "parameters_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

@@ -158,8 +158,8 @@ def export_onnx(
         ImportError: the onnx extra is missing.
         FileNotFoundError: `checkpoint` names a missing or non-checkpoint folder.
         FileExistsError: `output_dir` already holds an export and `overwrite` is False.
-        ValueError: a check size is smaller than `patch_size + 1`, or an output's relative error is above
-            `tolerance` (nothing is written then).
+        ValueError: a check size outside `patch_size + 1` .. `MAX_SIZE` pixels, or an output's relative error
+            above `tolerance` (nothing is written then).
     """
     require_onnx_extra()
     from . import SAKForMultiTask, SAKImageProcessor

@@ -129,7 +129,7 @@ class SAKMultiTaskPipeline(Pipeline):
         # transformers' load_image converts every image to RGB, which would turn a 16-bit depth map into a clipped
         # photo: PIL images and local files reach the processor as they are, so its photo rules apply
         # (image_io_sak); URLs and base64 strings go through load_image.
-        if isinstance(image, str) and not image.startswith(("http://", "https://", "data:")) and os.path.isfile(image):
+        if isinstance(image, str) and os.path.isfile(image):
             opened = Image.open(image)
             image = ImageOps.exif_transpose(opened) or opened
         elif not isinstance(image, Image.Image):
@@ -166,9 +166,9 @@ class SAKMultiTaskPipeline(Pipeline):
         routers = {
             key.removeprefix(ROUTER_PREFIX): value[0].float()
             for key, value in model_outputs.items()
-            if key.startswith(ROUTER_PREFIX)
+            if return_router_weights and key.startswith(ROUTER_PREFIX)
         }
-        if return_router_weights and routers:
+        if routers:
             result["router_weights"] = {task: routers[task] for task in (tasks or routers)}
         return result
 

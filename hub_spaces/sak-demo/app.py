@@ -187,6 +187,7 @@ class Demo:
         self.tasks = dict(config.tasks)
         self.experts = ["stem", *config.teachers]
         self.id2label = {int(k): v for k, v in config.id2label.items()}
+        self.label2id = {label: class_id for class_id, label in self.id2label.items()}
         self.colours = class_colours(self.tasks.get("semseg", 1))
 
     def predict(self, path, switched_off, progress=gr.Progress()):  # noqa: B008 (how gradio injects a progress bar)
@@ -213,9 +214,8 @@ class Demo:
         outputs = {}
         if "semseg" in result:
             class_ids = np.zeros(photo.shape[:2], dtype=np.int64)
-            label2id = {v: k for k, v in self.id2label.items()}
             for segment in result["semseg"]:
-                class_ids[np.asarray(segment["mask"]) > 0] = label2id.get(segment["label"], 0)
+                class_ids[np.asarray(segment["mask"]) > 0] = self.label2id.get(segment["label"], 0)
             outputs["semseg"] = semseg_overlay(photo, class_ids, self.colours)
             outputs["semseg_legend"] = semseg_legend(class_ids, self.colours, self.id2label)
         if "depth" in result:
