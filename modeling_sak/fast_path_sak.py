@@ -52,18 +52,6 @@ _cached_bilinear_resize_matrix = functools.lru_cache(maxsize=64)(_bilinear_resiz
 _cached_tap_resize_matrix = functools.lru_cache(maxsize=64)(_build_tap_resize_matrix)
 
 
-def resize_channels_last(features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (`align_corners=False`) of a `(batch_size, h, w, C)` map to `(batch_size, *size, C)` as two
-    matmuls with [`bilinear_resize_matrix`]: the same values as `F.interpolate` on the `(B, C, h, w)` view (up to
-    rounding), with a matmul's backward instead of the resize kernel's channels-last one (several times slower on
-    CPU). Differentiable in `features`; runs in its dtype."""
-    batch, h, w, channels = features.shape
-    rows = bilinear_resize_matrix(h, size[0]).to(features.device, features.dtype)
-    columns = bilinear_resize_matrix(w, size[1]).to(features.device, features.dtype)
-    resized = torch.matmul(columns, features.reshape(batch * h, w, channels))  # (B * h, W, C)
-    return torch.matmul(rows, resized.view(batch, h, size[1] * channels)).view(batch, *size, channels)
-
-
 def resized_conv3x3(
     tokens: torch.Tensor, grid: tuple[int, int], weight: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -177,6 +165,5 @@ __all__ = [
     "SAKDeployedTaskHead",
     "bilinear_resize_matrix",
     "fold_batch_norm",
-    "resize_channels_last",
     "resized_conv3x3",
 ]

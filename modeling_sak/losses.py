@@ -8,11 +8,13 @@ labels and the teacher features, weights the task losses and adds `distill_alpha
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from .configuration_sak import SAKConfig
-from .fast_path_sak import resize_channels_last
+from .fast_path_sak import bilinear_resize_matrix
 from .tasks_sak import IGNORE_INDEX
 
 
@@ -152,33 +154,169 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: s
     [`match_feature_grids`]).
 
     "cos+l1": 0.9 * (1 - cos) of the per-sample flattened maps, averaged over the batch, + 0.1 * SmoothL1 (beta 1,
-    mean); "cos": the cosine term alone; "l2": mean squared error. Every term is a mean or a per-sample sum over all
-    elements, so it does not depend on the memory layout: a channels-last teacher map (as SAM's, whose tokens are
-    row-major) is compared in that layout, with the student resized as tokens (`resize_channels_last`), and no map is
-    copied at the teacher's resolution.
+    mean); "cos": the cosine term alone; "l2": mean squared error. Computed in float32. When the student is resized up
+    to a taller teacher grid (SAM's 64 x 64 against a 14 x 18 student), [`upsampled_distillation_loss`] gives the same
+    value and gradient without the resized map; otherwise the terms are taken on the matched maps.
     """
-    student, teacher = student.float(), teacher.float()
-    if _is_channels_last(teacher) and teacher.shape[-2] > student.shape[-2]:
-        teacher = teacher.permute(0, 2, 3, 1)  # (B, H, W, C), row-major
-        student = resize_channels_last(student.permute(0, 2, 3, 1).contiguous(), teacher.shape[1:3])
-    else:  # row-major at the student's small grid, then the reference's grid rule
-        student, teacher = match_feature_grids(student.contiguous(), teacher)
+    if loss_type not in _DISTILLATION_TERMS:
+        raise ValueError(f"distill_loss_type={loss_type!r} is not one of {list(_DISTILLATION_TERMS)}")
+    if teacher.shape[-2] > student.shape[-2]:  # the teacher is read in float32 chunks, not copied whole
+        return upsampled_distillation_loss(student.float(), teacher, loss_type)
+    student, teacher = match_feature_grids(student.float().contiguous(), teacher.float())
     if loss_type == "l2":
         return F.mse_loss(student, teacher)
     cosine = _cosine_distance(student, teacher)
     if loss_type == "cos":
         return cosine
-    if loss_type == "cos+l1":
-        return 0.9 * cosine + 0.1 * F.smooth_l1_loss(student, teacher, beta=1.0)
-    raise ValueError(f"distill_loss_type={loss_type!r} is not one of ['cos+l1', 'cos', 'l2']")
+    return 0.9 * cosine + 0.1 * F.smooth_l1_loss(student, teacher, beta=1.0)
 
 
-def _is_channels_last(features: torch.Tensor) -> bool:
-    return (
-        features.dim() == 4
-        and features.is_contiguous(memory_format=torch.channels_last)
-        and not features.is_contiguous()
-    )
+# loss type -> (weight of the cosine term, elementwise term or None)
+_DISTILLATION_TERMS = {"cos+l1": (0.9, "smooth_l1"), "cos": (1.0, None), "l2": (0.0, "squared")}
+# Teacher rows per chunk of `upsampled_distillation_loss`: about this many float32 elements, so that a chunk and its
+# temporaries stay in the CPU's cache (and a GPU's kernels stay large).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def upsampled_distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, loss_type: str = "cos+l1"
+) -> torch.Tensor:
+    """`distillation_loss` for a teacher grid `(H, W)` taller than the student's `(h, w)`: the student map resized to
+    `(H, W)` (bilinear, `align_corners=False`, as [`match_feature_grids`]), compared with the teacher, without
+    materialising the resized map or its gradient.
+
+    With `R_y` `(H, h)` and `R_x` `(W, w)` the resize matrices ([`bilinear_resize_matrix`]) and `U = R_y S R_x^T` per
+    channel, the teacher is read once, in chunks of rows: each chunk of `U` is made from `S`, and its dot product with
+    the teacher, its squared norm and its elementwise term (SmoothL1 or squared error) are summed, together with the
+    elementwise gradient brought back to the student grid (`R_y^T G R_x`) and `R_y^T T R_x`. The cosine term's
+    gradient is then `R^T T / |U||T| - cos * R^T R S / |U|^2` per sample. The backward multiplies the gradient kept
+    from the forward (when `student` requires grad). The same value and gradient as the composition (tested in
+    float64), in a few passes over the teacher instead of a dozen over maps at its resolution.
+
+    Args:
+        student: `(B, C, h, w)`, any memory layout.
+        teacher: `(B, C, H, W)` with `H > h`, any memory layout and dtype (read in float32).
+        loss_type: "cos+l1", "cos" or "l2".
+
+    Returns:
+        A scalar in float32 (float64 for a float64 student). Differentiable once in `student` (the backward scales
+        the gradient made in the forward; no second derivative).
+
+    Raises:
+        ValueError: if the maps differ in batch size or channels, or the teacher grid is not taller.
+    """
+    if student.dim() != 4 or teacher.dim() != 4 or student.shape[:2] != teacher.shape[:2]:
+        raise ValueError(
+            f"distillation maps must be (batch_size, channels, h, w) with the same batch size and channels, got "
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
+        )
+    if teacher.shape[-2] <= student.shape[-2]:
+        raise ValueError(f"teacher grid {tuple(teacher.shape[-2:])} is not taller than {tuple(student.shape[-2:])}")
+    if student.dtype != torch.float64:
+        student = student.float()
+    device = student.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():  # float32 matmuls
+        return _UpsampledDistillation.apply(student, teacher, loss_type)
+
+
+class _UpsampledDistillation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, loss_type: str) -> torch.Tensor:
+        cosine_weight, elementwise = _DISTILLATION_TERMS[loss_type]
+        batch, channels, h, w = student.shape
+        height, width = teacher.shape[-2:]
+        with_gradient = ctx.needs_input_grad[0]
+        rows = bilinear_resize_matrix(h, height).to(student.device, student.dtype)
+        columns = bilinear_resize_matrix(w, width).to(student.device, student.dtype)
+        source = student.permute(0, 2, 3, 1).contiguous()  # (B, h, w, C)
+        target = teacher.permute(0, 2, 3, 1)  # (B, H, W, C): a view, row-major for a channels-last teacher
+        # Columns resized once: (B, h, W * C); each chunk of rows is one matmul from it.
+        wide = torch.matmul(columns, source.view(batch * h, w, channels)).view(batch, h, width * channels)
+        dot = student.new_zeros(batch)
+        squares = student.new_zeros(batch)
+        teacher_squares = student.new_zeros(batch)
+        elementwise_sum = student.new_zeros(())
+        back = student.new_zeros(batch, h, width * channels) if with_gradient and elementwise else None
+        back_teacher = student.new_zeros(batch, h, width * channels) if with_gradient and cosine_weight else None
+        step = min(height, max(1, _CHUNK_ELEMENTS // max(1, batch * width * channels)))
+        # Every chunk is computed in two buffers, with dot products as reductions: few temporaries (fresh
+        # memory costs page faults on CPU).
+        buffers = None
+        for start in range(0, height, step):
+            chunk_rows = rows[start : start + step]  # (r, h)
+            size = (batch, chunk_rows.shape[0], width * channels)
+            if buffers is None or buffers[0].shape != size:
+                buffers = (student.new_empty(size), student.new_empty(size))
+            upsampled, chunk = buffers
+            torch.matmul(chunk_rows, wide, out=upsampled)  # (B, r, W * C)
+            chunk.view(batch, -1, width, channels).copy_(target[:, start : start + step])
+            if cosine_weight:
+                dot += _batched_dot(upsampled, chunk)
+                squares += _batched_dot(upsampled, upsampled)
+                teacher_squares += _batched_dot(chunk, chunk)
+                if back_teacher is not None:
+                    back_teacher.baddbmm_(chunk_rows.T.expand(batch, -1, -1), chunk)
+            if elementwise:
+                difference = upsampled.sub_(chunk)
+                if elementwise == "squared":
+                    elementwise_sum += _batched_dot(difference, difference).sum()
+                    gradient = difference.mul_(2.0)
+                else:  # SmoothL1 with beta 1 = 0.5 c^2 + |d| - |c| for c = clamp(d, -1, 1)
+                    elementwise_sum += difference.abs().sum()
+                    gradient = difference.clamp_(-1.0, 1.0)
+                    elementwise_sum += 0.5 * _batched_dot(gradient, gradient).sum()
+                    elementwise_sum -= gradient.abs().sum()
+                if back is not None:
+                    back.baddbmm_(chunk_rows.T.expand(batch, -1, -1), gradient)
+        count = batch * channels * height * width
+        loss = elementwise_sum / count if elementwise else student.new_zeros(())
+        gradient = None
+        if elementwise and back is not None:
+            scale = (0.1 if cosine_weight else 1.0) / count
+            gradient = _to_student_grid(back, columns, batch, h, w, channels).mul_(scale)
+        if cosine_weight:
+            norms = ((squares + 1e-12) * (teacher_squares + 1e-12)).sqrt()
+            cosine = dot / norms
+            loss = cosine_weight * (1 - cosine).mean() + (0.1 * loss if elementwise else 0)
+            if with_gradient:
+                # d/dS of -(w / B) * sum_b cos_b, on the student grid
+                to_teacher = _to_student_grid(back_teacher, columns, batch, h, w, channels)
+                gram = _gram_resize(source, rows, columns)
+                factor = -cosine_weight / batch
+                part = to_teacher * (factor / norms)[:, None, None, None]
+                part -= gram * (factor * cosine / (squares + 1e-12))[:, None, None, None]
+                gradient = part if gradient is None else gradient.add_(part)
+        ctx.gradient = gradient  # (B, h, w, C)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: torch.Tensor):
+        gradient = (ctx.gradient * grad_output).permute(0, 3, 1, 2)
+        return gradient, None, None
+
+
+def _batched_dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """`(first * second).sum((1, 2))` for contiguous `(B, r, n)` tensors, without a product tensor."""
+    return torch.linalg.vecdot(first.flatten(1), second.flatten(1))
+
+
+def _to_student_grid(
+    rows_back: torch.Tensor, columns: torch.Tensor, batch: int, h: int, w: int, channels: int
+) -> torch.Tensor:
+    """`(B, h, W * C)` (rows already brought back) -> `R_x^T` along the columns -> `(B, h, w, C)`."""
+    width = columns.shape[0]
+    back = torch.matmul(columns.T, rows_back.view(batch * h, width, channels))
+    return back.view(batch, h, w, channels)
+
+
+def _gram_resize(source: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`R^T R S` for a `(B, h, w, C)` map: the Gram matrices `R_y^T R_y` `(h, h)` and `R_x^T R_x` `(w, w)` applied
+    along its rows and columns."""
+    batch, h, w, channels = source.shape
+    across = torch.matmul(columns.T @ columns, source.reshape(batch * h, w, channels))
+    return torch.matmul(rows.T @ rows, across.view(batch, h, w * channels)).view(batch, h, w, channels)
 
 
 def sak_loss(

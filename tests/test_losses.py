@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
+from modeling_sak import losses
 from modeling_sak.losses import (
     balanced_bce_loss,
     cross_entropy_loss,
@@ -18,6 +19,7 @@ from modeling_sak.losses import (
     normals_l1_loss,
     sak_loss,
     task_loss,
+    upsampled_distillation_loss,
 )
 
 
@@ -104,6 +106,71 @@ def test_distillation_loss_is_torchs_composition_in_any_memory_layout(teacher_gr
     (expected_gradient,) = torch.autograd.grad(expected, tokens)
     (gradient,) = torch.autograd.grad(actual, tokens)
     torch.testing.assert_close(gradient.double(), expected_gradient, rtol=1e-5, atol=1e-9)
+
+
+def _composed_distillation(student: torch.Tensor, teacher: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The reference's composition: the student resized to the (taller) teacher grid, then torch's losses."""
+    resized = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
+    if loss_type == "l2":
+        return F.mse_loss(resized, teacher)
+    ones = torch.ones(student.shape[0], dtype=student.dtype)
+    cosine = F.cosine_embedding_loss(resized.flatten(1), teacher.flatten(1), ones)
+    return cosine if loss_type == "cos" else 0.9 * cosine + 0.1 * F.smooth_l1_loss(resized, teacher, beta=1.0)
+
+
+@pytest.mark.parametrize("loss_type", ["cos+l1", "cos", "l2"])
+@pytest.mark.parametrize(
+    ("student_grid", "teacher_grid"), [((14, 18), (64, 64)), ((4, 6), (9, 13)), ((3, 5), (7, 4)), ((2, 2), (3, 2))]
+)
+@pytest.mark.parametrize("chunk_elements", [1 << 20, 1])
+@pytest.mark.parametrize("teacher_layout", ["row-major", "channels-last"])
+def test_upsampled_distillation_is_the_composition_in_float64(
+    loss_type, student_grid, teacher_grid, chunk_elements, teacher_layout, monkeypatch
+):
+    """Value and gradient of the chunked loss equal the resize-then-loss composition (float64, relative 1e-12 and
+    1e-10) at SAM's grid against ViT-B/16's at 224 x 288, at grids that are not multiples of each other, a narrower
+    teacher (the width is downsampled), in one chunk and in one-row chunks, for both teacher layouts."""
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(1)
+    channels = 8
+    tokens = torch.randn(2, math.prod(student_grid), channels, dtype=torch.float64, generator=generator)
+    tokens.requires_grad_(True)
+    student = tokens.transpose(1, 2).reshape(2, channels, *student_grid)  # as SAKForMultiTask._student_features
+    teacher = 1.5 * torch.randn(2, channels, *teacher_grid, dtype=torch.float64, generator=generator)
+    if teacher_layout == "channels-last":
+        teacher = teacher.contiguous(memory_format=torch.channels_last)
+    expected = _composed_distillation(student, teacher, loss_type)
+    (expected_gradient,) = torch.autograd.grad(expected, tokens)
+    actual = upsampled_distillation_loss(student, teacher, loss_type)
+    assert actual.dtype == torch.float64
+    (gradient,) = torch.autograd.grad(actual, tokens)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-10, atol=1e-10 * expected_gradient.abs().max())
+
+
+def test_upsampled_distillation_under_autocast_reads_a_bf16_teacher_in_float32():
+    """Under bf16 autocast (training) the loss and its gradient are bit-identical to the float32 computation on the
+    same bf16 teacher values, and a no-grad evaluation gives the same value."""
+    generator = torch.Generator().manual_seed(2)
+    tokens = torch.randn(2, 14 * 18, 16, generator=generator, requires_grad=True)
+    student = tokens.transpose(1, 2).reshape(2, 16, 14, 18)
+    teacher = torch.randn(2, 64, 64, 16, generator=generator).to(torch.bfloat16).permute(0, 3, 1, 2)  # as SAM's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = distillation_loss(student, teacher)
+    (autocast_gradient,) = torch.autograd.grad(under_autocast, tokens)
+    plain = distillation_loss(student, teacher.float())
+    (plain_gradient,) = torch.autograd.grad(plain, tokens)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, plain) and torch.equal(autocast_gradient, plain_gradient)
+    with torch.no_grad():
+        assert torch.equal(distillation_loss(student, teacher), plain)
+    expected = _composed_distillation(student.double(), teacher.double(), "cos+l1")
+    torch.testing.assert_close(plain.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_distillation_maps_of_different_width_are_named():
+    with pytest.raises(ValueError, match=r"same batch size and channels.*\(2, 8, 4, 4\).*\(2, 6, 8, 8\)"):
+        distillation_loss(torch.zeros(2, 8, 4, 4), torch.zeros(2, 6, 8, 8))
 
 
 def test_grid_rule_resizes_the_student_only_when_the_teacher_is_taller():
