@@ -171,8 +171,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, loss_type: s
     return 0.9 * cosine + 0.1 * F.smooth_l1_loss(student, teacher, beta=1.0)
 
 
-# loss type -> (weight of the cosine term, elementwise term or None)
-_DISTILLATION_TERMS = {"cos+l1": (0.9, "smooth_l1"), "cos": (1.0, None), "l2": (0.0, "squared")}
+# loss type -> (weight of the cosine term, elementwise term or None, weight of the elementwise term's mean)
+_DISTILLATION_TERMS = {"cos+l1": (0.9, "smooth_l1", 0.1), "cos": (1.0, None, 0.0), "l2": (0.0, "squared", 1.0)}
 # Teacher rows per chunk of `upsampled_distillation_loss`: about this many float32 elements, so that a chunk and its
 # temporaries stay in the CPU's cache (and a GPU's kernels stay large).
 _CHUNK_ELEMENTS = 1 << 20
@@ -223,7 +223,7 @@ def upsampled_distillation_loss(
 class _UpsampledDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, loss_type: str) -> torch.Tensor:
-        cosine_weight, elementwise = _DISTILLATION_TERMS[loss_type]
+        cosine_weight, elementwise, elementwise_weight = _DISTILLATION_TERMS[loss_type]
         batch, channels, h, w = student.shape
         height, width = teacher.shape[-2:]
         with_gradient = ctx.needs_input_grad[0]
@@ -270,18 +270,18 @@ class _UpsampledDistillation(torch.autograd.Function):
                 if back is not None:
                     back.baddbmm_(chunk_rows.T.expand(batch, -1, -1), gradient)
         count = batch * channels * height * width
-        loss = elementwise_sum / count if elementwise else student.new_zeros(())
+        loss = elementwise_weight * (elementwise_sum / count)
+        scale = elementwise_weight / count
         gradient = None
-        if elementwise and back is not None:
-            scale = (0.1 if cosine_weight else 1.0) / count
-            gradient = _to_student_grid(back, columns, batch, h, w, channels).mul_(scale)
+        if back is not None:
+            gradient = _to_student_grid(back, columns).mul_(scale)
         if cosine_weight:
             norms = ((squares + 1e-12) * (teacher_squares + 1e-12)).sqrt()
             cosine = dot / norms
-            loss = cosine_weight * (1 - cosine).mean() + (0.1 * loss if elementwise else 0)
+            loss = cosine_weight * (1 - cosine).mean() + loss
             if with_gradient:
                 # d/dS of -(w / B) * sum_b cos_b, on the student grid
-                to_teacher = _to_student_grid(back_teacher, columns, batch, h, w, channels)
+                to_teacher = _to_student_grid(back_teacher, columns)
                 gram = _gram_resize(source, rows, columns)
                 factor = -cosine_weight / batch
                 part = to_teacher * (factor / norms)[:, None, None, None]
@@ -298,17 +298,17 @@ class _UpsampledDistillation(torch.autograd.Function):
 
 
 def _batched_dot(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """`(first * second).sum((1, 2))` for contiguous `(B, r, n)` tensors, without a product tensor."""
+    """`(first * second).sum((1, 2))` for contiguous `(B, r, n)` tensors, as `torch.linalg.vecdot` computes it."""
     return torch.linalg.vecdot(first.flatten(1), second.flatten(1))
 
 
-def _to_student_grid(
-    rows_back: torch.Tensor, columns: torch.Tensor, batch: int, h: int, w: int, channels: int
-) -> torch.Tensor:
-    """`(B, h, W * C)` (rows already brought back) -> `R_x^T` along the columns -> `(B, h, w, C)`."""
-    width = columns.shape[0]
-    back = torch.matmul(columns.T, rows_back.view(batch * h, width, channels))
-    return back.view(batch, h, w, channels)
+def _to_student_grid(rows_back: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """`(B, h, W * C)` (rows already brought back) -> `R_x^T` along the columns, with `columns` `R_x` `(W, w)` ->
+    `(B, h, w, C)`."""
+    batch, h, _ = rows_back.shape
+    width, w = columns.shape
+    back = torch.matmul(columns.T, rows_back.view(batch * h, width, -1))
+    return back.view(batch, h, w, -1)
 
 
 def _gram_resize(source: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
