@@ -28,35 +28,25 @@ from accelerate.utils import set_seed
 from modeling_sak.cli import advance, bad_input_exits, progress_bar
 from modeling_sak.evaluation.loop import evaluate, evaluation_mode
 from modeling_sak.evaluation.registry import METRICS_VERSION
-from modeling_sak.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_overrides
-from modeling_sak.run_outputs import write_run_outputs
-from modeling_sak.sharding import (
+from modeling_sak.teachers.committee import SAKTeachers
+from modeling_sak.teachers.specialists import DEFAULT_CACHE, PACKAGE, source_fingerprint
+from modeling_sak.training.checkpoints import clear_run, resolve_checkpoint, save_checkpoint, training_state
+from modeling_sak.training.loaders import make_loader, resolve_data_and_teachers
+from modeling_sak.training.lora import merge_lora
+from modeling_sak.training.optimization import check_finite, make_optimizer, make_scheduler
+from modeling_sak.training.preflight import check_recipe
+from modeling_sak.training.recipe import Recipe, add_recipe_arguments, load_recipe, recipe_overrides
+from modeling_sak.training.run_outputs import write_run_outputs
+from modeling_sak.training.sharding import (
     SHARDED_STATE_DIR,
+    distributed_without_gpu,
     fsdp_from_launcher,
     gather_student,
     launch_error,
     load_sharded,
     shard_student,
 )
-from modeling_sak.specialist_teachers import DEFAULT_CACHE, PACKAGE, source_fingerprint
-from modeling_sak.teachers import SAKTeachers
-from modeling_sak.training import (
-    build_config,
-    build_model,
-    check_finite,
-    check_recipe,
-    clear_run,
-    distributed_without_gpu,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    merge_lora,
-    resolve_checkpoint,
-    resolve_data_and_teachers,
-    save_checkpoint,
-    student_structure,
-    training_state,
-)
+from modeling_sak.training.student import build_config, build_model, student_structure
 
 
 logger = get_logger(__name__)
@@ -359,7 +349,7 @@ def _main(argv: list[str] | None = None) -> None:
             "wall time per phase: " + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
         )
         if args.push_to_hub:
-            from modeling_sak.publish import publish
+            from modeling_sak.commands.publish import publish
 
             accelerator.print(f"uploaded to {publish(final, args.hub_model_id)}")
     accelerator.end_training()

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from modeling_sak.commands.prepare_dataset import make_toyrooms
 from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
 from modeling_sak.data.transforms import MultiTaskTransform
-from modeling_sak.prepare_dataset import make_toyrooms
 
 
 TASKS = ["semseg", "normals", "edge", "depth"]

@@ -24,7 +24,7 @@ import torch
 from flops import reference_distillation_loss
 from speed import machine_info
 
-from modeling_sak.losses import distillation_loss
+from modeling_sak.remote_code.losses import distillation_loss
 
 
 def parse_grid(text: str) -> tuple[int, int]:

@@ -135,7 +135,7 @@ def build_reference(image_size: tuple[int, int], seed: int):
     """The authors' stage-2 model (ViT-B/16, three ViT-B-wide teachers, NYUD-v2 tasks), default PyTorch init."""
     from reference_sak import RefMultiTaskModel
 
-    from modeling_sak.tasks_sak import TASK_PRESETS
+    from modeling_sak.remote_code.tasks_sak import TASK_PRESETS
 
     torch.manual_seed(seed)
     return RefMultiTaskModel(
@@ -167,7 +167,7 @@ def reference_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) ->
     the same number without copies at the teacher's resolution)."""
     import torch.nn.functional as F
 
-    from modeling_sak.losses import match_feature_grids
+    from modeling_sak.remote_code.losses import match_feature_grids
 
     student, teacher = match_feature_grids(student.float(), teacher.float())
     cosine = F.cosine_embedding_loss(student.flatten(1), teacher.flatten(1), student.new_ones(student.shape[0]))
@@ -177,7 +177,7 @@ def reference_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) ->
 def reference_loss(model, config, pixel_values, labels, teacher_features):
     """The authors' forward, then their loss: SAK's task losses (the same definitions, tests/test_losses.py) and the
     distillation terms as `reference_distillation_loss` composes them."""
-    from modeling_sak.losses import task_losses_of
+    from modeling_sak.remote_code.losses import task_losses_of
 
     aligned, outputs = model(pixel_values)
     task_losses = task_losses_of(config, outputs, labels)

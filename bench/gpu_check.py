@@ -123,7 +123,7 @@ def train_worker(job: dict) -> dict:
     """`steps` stage-2 steps on one fixed batch in `precision` (fp16 or bf16), as train_accelerate.py runs them."""
     from accelerate import Accelerator
 
-    from modeling_sak.training import make_optimizer
+    from modeling_sak.training.optimization import make_optimizer
 
     precision, settings = job["precision"], job["settings"]
     device = torch.device(job["device"])
@@ -232,7 +232,8 @@ def ddp_worker(job: dict) -> dict | None:
     """One stage-2 step in each of the torchrun processes (different data per rank); rank 0 reports."""
     from accelerate import Accelerator
 
-    from modeling_sak.training import distributed_without_gpu, make_optimizer
+    from modeling_sak.training.optimization import make_optimizer
+    from modeling_sak.training.sharding import distributed_without_gpu
 
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
@@ -274,8 +275,14 @@ def fsdp2_worker(job: dict) -> dict | None:
     --distributed_strategy fsdp2` runs it; rank 0 reports."""
     from accelerate import Accelerator
 
-    from modeling_sak.sharding import gather_student, load_sharded, save_sharded, shard_student
-    from modeling_sak.training import distributed_without_gpu, make_optimizer
+    from modeling_sak.training.optimization import make_optimizer
+    from modeling_sak.training.sharding import (
+        distributed_without_gpu,
+        gather_student,
+        load_sharded,
+        save_sharded,
+        shard_student,
+    )
 
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
@@ -349,7 +356,7 @@ def memory_worker(job: dict) -> dict:
     """One bf16 stage-2 step of a configuration in this fresh process: its peak memory."""
     from accelerate import Accelerator
 
-    from modeling_sak.training import make_optimizer
+    from modeling_sak.training.optimization import make_optimizer
 
     settings = job["settings"]
     accelerator = Accelerator(cpu=job["device"] == "cpu", mixed_precision="bf16")

@@ -25,7 +25,7 @@ and tasks) in bf16, bf16 with gradient checkpointing and float32 (`mixed_precisi
 
 Not counted: the CUDA context and NCCL buffers (about 0.5-1 GiB), allocator fragmentation, workspace of single
 kernels, the teachers' own forward (no-grad, freed before the student's forward; far below the student's
-activations). So `need` is a floor: the README's GPU column leaves 15% headroom. The CPU's autocast casts the same
+activations). So `need` is a floor: the GPU column of docs/speed_and_memory.md leaves 15% headroom. The CPU's autocast casts the same
 operations to bfloat16 as CUDA's for the matmuls, convolutions and attention (its flash-attention kernel saves the
 output and log-sum-exp, as CUDA's does), which hold nearly all saved bytes.
 Results go to bench/results/memory.json.
@@ -244,8 +244,8 @@ def main() -> None:
     teachers = {size: committee_bytes(size) for size in COMMITTEES}
     rows, recipes = [], {}
     with FakeTensorMode():  # one mode: the heads' cached resize matrices are made in it once
-        import modeling_sak.losses as losses
-        import modeling_sak.modeling_sak as modeling
+        import modeling_sak.remote_code.losses as losses
+        import modeling_sak.remote_code.modeling_sak as modeling
 
         modeling.SAKForMultiTask._init_weights = lambda self, module: None  # fake tensors: no values to initialise
         # Saliency's balanced cross entropy weighs its 2 classes by the labels' values, which fake tensors do not

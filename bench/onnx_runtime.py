@@ -4,7 +4,7 @@
 
 For each student (ViT-S/16 or ViT-B/16, three teachers of the same width, the four NYUD-v2 tasks, random seeded
 weights built from configs; nothing is downloaded), saved with `save_pretrained` and exported by
-`modeling_sak.export_onnx` (its own ONNX Runtime check included), the same input runs through
+`sak-export-onnx` (its own ONNX Runtime check included), the same input runs through
 - `torch-fp32`: `SAKForMultiTask` eager, float32, under `torch.inference_mode()`;
 - `torch-fast-fp32`: `optimize_for_inference(dtype=None)` (the exported graph's PyTorch form);
 - `torch-fast-bf16`: `optimize_for_inference()` (bfloat16, the fastest PyTorch path on CPUs with bf16 matmuls);
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from modeling_sak import SAKImageProcessor
-    from modeling_sak.export_onnx import SAKForOnnx, export_onnx, relative_errors
+    from modeling_sak.commands.export_onnx import SAKForOnnx, export_onnx, relative_errors
 
     torch.set_num_threads(args.threads)
     size = tuple(args.size)

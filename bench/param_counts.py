@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from modeling_sak import SAKConfig, SAKForMultiTask
-from modeling_sak.convert_original_sak import REFERENCE_STEMS
+from modeling_sak.commands.convert_original_sak import REFERENCE_STEMS
 
 
 # Reference teacher committees: ViT-S/B students learn from base teachers, ViT-L from large ones (DESIGN, configs).

@@ -77,7 +77,7 @@ def build_teachers(seed: int, dtype: torch.dtype):
         SamVisionModel,
     )
 
-    from modeling_sak.teachers import SAKTeacher, SAKTeachers
+    from modeling_sak.teachers.committee import SAKTeacher, SAKTeachers
 
     torch.manual_seed(seed)
     base = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12}
@@ -271,7 +271,7 @@ def training_worker(job: dict) -> dict:
     teacher_dtype = torch.float32 if variant == "fp32" else torch.bfloat16
     teachers = build_teachers(job["seed"] + 2, teacher_dtype)
     autocast = variant == "bf16-teachers+autocast"
-    from modeling_sak.training import make_optimizer
+    from modeling_sak.training.optimization import make_optimizer
 
     optimizer = make_optimizer(model, 2e-5, 1e-6)  # as train_accelerate.py
     pixel_values = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(job["seed"] + 1))

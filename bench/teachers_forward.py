@@ -35,8 +35,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, SamVisionConfig, SamVisionModel
 
 from modeling_sak import SAKConfig
-from modeling_sak.teacher_fast_path import transformer_blocks
-from modeling_sak.teachers import SAKTeachers
+from modeling_sak.teachers.committee import SAKTeachers
+from modeling_sak.teachers.fast_path import transformer_blocks
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -96,7 +96,7 @@ def teacher_configs(
     [5, 11, 17, 23] as SAM-L)."""
     from transformers import CLIPVisionConfig, Dinov2Config, SamVisionConfig
 
-    from modeling_sak.configuration_sak import default_out_indices
+    from modeling_sak.remote_code.configuration_sak import default_out_indices
 
     width, heads, full_depth = WIDTHS[shape]
     depth = depth or full_depth
@@ -141,7 +141,7 @@ def build_teachers(
     """
     from transformers import CLIPVisionModel, Dinov2Model, SamVisionModel
 
-    from modeling_sak.teachers import SAKTeacher, SAKTeachers
+    from modeling_sak.teachers.committee import SAKTeacher, SAKTeachers
 
     classes = {"dinov2": Dinov2Model, "clip": CLIPVisionModel, "sam": SamVisionModel}
     torch.manual_seed(seed)
@@ -276,7 +276,7 @@ def worker(job: dict) -> dict:
         seed=seed + 2,
     )
     if fast:  # the optimizer of train_accelerate.py: fused AdamW over the training parameter groups
-        from modeling_sak.training import make_optimizer
+        from modeling_sak.training.optimization import make_optimizer
 
         optimizer = make_optimizer(model, 2e-5, 1e-6)
     else:  # the reference's per-parameter AdamW loop

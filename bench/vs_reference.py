@@ -59,7 +59,7 @@ def timed(function) -> tuple[object, float]:
 def training_worker(job: dict) -> dict:
     from flops import build_reference, reference_loss
 
-    from modeling_sak.training import make_optimizer, parameter_groups
+    from modeling_sak.training.optimization import make_optimizer, parameter_groups
 
     size, batch, seed = tuple(job["size"]), job["batch"], job["seed"]
     variant = job["variant"]

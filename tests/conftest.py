@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modeling_sak import SAKConfig  # noqa: E402
+
+
+def carried_files() -> set[str]:
+    """The file names a checkpoint carries as remote code: the modules of `modeling_sak/remote_code/`."""
+    import modeling_sak
+
+    folder = Path(modeling_sak.__file__).parent / "remote_code"
+    return {path.name for path in folder.glob("*.py")} - {"__init__.py"}
 
 
 TINY_IMAGE_SIZE = (64, 96)  # a 4 x 6 patch grid: non-square on purpose
@@ -63,7 +72,7 @@ def tiny_vit_stems(monkeypatch):
     """Let the converter build tiny ViT-S/B shapes for `vit_small` / `vit_base` (see test_convert_original_sak)."""
     from test_convert_original_sak import SHAPES
 
-    from modeling_sak import convert_original_sak
+    from modeling_sak.commands import convert_original_sak
 
     stems = {
         f"vit_{name}": {
@@ -97,7 +106,7 @@ def assets(tmp_path_factory):
 
     from transformers import ViTConfig, ViTModel
 
-    from modeling_sak.prepare_dataset import make_toyrooms
+    from modeling_sak.commands.prepare_dataset import make_toyrooms
 
     root = tmp_path_factory.mktemp("train")
     os.environ["TQDM_DISABLE"] = "1"

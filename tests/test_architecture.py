@@ -10,26 +10,18 @@ import textwrap
 from pathlib import Path
 
 import torch
-from conftest import TINY_IMAGE_SIZE, tiny_config
+from conftest import TINY_IMAGE_SIZE, carried_files, tiny_config
 
 import modeling_sak
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
 
 
 PACKAGE = Path(modeling_sak.__file__).parent
-# The files `save_pretrained` copies into a checkpoint: the model's and the processor's modules and every file they
-# reach by single-level relative imports (DESIGN.md section 5), the "sak-multi-task" pipeline included. Nothing of
-# teachers, data, evaluation or training.
-CARRIED = {
-    "configuration_sak.py",
-    "modeling_sak.py",
-    "losses.py",
-    "fast_path_sak.py",
-    "image_processing_sak.py",
-    "tasks_sak.py",
-    "image_io_sak.py",
-    "pipeline_sak.py",
-}
+REMOTE_CODE = PACKAGE / "remote_code"
+# The files `save_pretrained` copies into a checkpoint: the modules of `remote_code/`, flat, which are the model's and
+# the processor's modules and every file they reach by single-level relative imports (DESIGN.md section 5), the
+# "sak-multi-task" pipeline included. Nothing of teachers, data, evaluation or training.
+CARRIED = carried_files()
 # The carried files that hold no model code and import no torch (the task table and IGNORE_INDEX; the photo rules):
 # the only files of the model the data package may import.
 PLAIN_CARRIED = {"tasks_sak.py", "image_io_sak.py"}
@@ -43,6 +35,16 @@ def test_a_checkpoint_carries_exactly_the_model_files_and_loads_without_the_pack
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     SAKImageProcessor(pad_size=TINY_IMAGE_SIZE).save_pretrained(checkpoint)
+    assert CARRIED == {
+        "configuration_sak.py",
+        "modeling_sak.py",
+        "losses.py",
+        "fast_path_sak.py",
+        "image_processing_sak.py",
+        "tasks_sak.py",
+        "image_io_sak.py",
+        "pipeline_sak.py",
+    }
     assert {path.name for path in checkpoint.glob("*.py")} == CARRIED
     assert not [path for path in checkpoint.rglob("*") if path.is_dir()]
 
@@ -97,7 +99,7 @@ def test_carried_files_import_only_torch_transformers_the_standard_library_and_e
     allowed = ALLOWED_PACKAGES | set(sys.stdlib_module_names)
     problems = []
     for name in sorted(CARRIED):
-        for level, module, names in _imports(PACKAGE / name):
+        for level, module, names in _imports(REMOTE_CODE / name):
             if level == 0 and module.split(".")[0] not in allowed:
                 problems.append(f"{name}: import {module} (only {sorted(ALLOWED_PACKAGES)} and the standard library)")
             elif level == 1 and module is None:
@@ -116,7 +118,7 @@ def test_the_carried_set_is_what_transformers_copies():
 
     copied = set()
     for entry in ("modeling_sak.py", "image_processing_sak.py"):
-        copied |= {entry, *(Path(path).name for path in get_relative_import_files(str(PACKAGE / entry)))}
+        copied |= {entry, *(Path(path).name for path in get_relative_import_files(str(REMOTE_CODE / entry)))}
     assert copied == CARRIED
 
 
@@ -151,29 +153,53 @@ def test_the_package_has_no_import_circle():
         order = list(graphlib.TopologicalSorter(_import_graph()).static_order())
     except graphlib.CycleError as error:
         raise AssertionError(f"import circle: {' -> '.join(error.args[1])}") from None
-    assert "modeling_sak.tasks_sak" in order
+    assert "modeling_sak.remote_code.tasks_sak" in order
 
 
 def test_the_never_imports_of_the_layers():
-    """data imports nothing of the model but the plain carried files (never modeling_sak.py, the image processor,
-    teachers, evaluation or training); evaluation never imports training or teachers."""
-    plain = {f"modeling_sak.{name.removesuffix('.py')}" for name in PLAIN_CARRIED}
-    training_side = {
-        f"modeling_sak.{name}"
-        for name in ("training", "teachers", "timm_teachers", "specialist_teachers", "recipe", "run_outputs")
-    }
+    """data imports nothing of the model but the plain carried files (never the model, the image processor,
+    teachers, evaluation or training); evaluation never imports training, teachers or commands, and of the model
+    only its config; no library module imports a command, but for the ToyRooms renderer the specialist teachers
+    call (`commands.prepare_dataset.make_toyrooms`, which writes the same folders as the command)."""
+    plain = {f"modeling_sak.remote_code.{name.removesuffix('.py')}" for name in PLAIN_CARRIED}
+    layers = ("modeling_sak.training", "modeling_sak.teachers", "modeling_sak.commands")
     problems = []
     for module, targets in sorted(_import_graph().items()):
         if module.startswith("modeling_sak.data"):
             allowed = {t for t in targets if t.startswith("modeling_sak.data") or t in plain}
             problems += [f"{module} imports {t}" for t in sorted(targets - allowed)]
         if module.startswith("modeling_sak.evaluation"):
-            problems += [f"{module} imports {t}" for t in sorted(targets & training_side)]
+            model = {t for t in targets if t.startswith("modeling_sak.remote_code")}
+            bad = {t for t in targets if t.startswith(layers)} | (
+                model - {"modeling_sak.remote_code.configuration_sak"}
+            )
+            problems += [f"{module} imports {t}" for t in sorted(bad)]
+        if not module.startswith("modeling_sak.commands"):
+            commands = {t for t in targets if t.startswith("modeling_sak.commands")}
+            if module == "modeling_sak.teachers.specialists":
+                commands -= {"modeling_sak.commands.prepare_dataset"}
+            problems += [f"{module} imports the command {t}" for t in sorted(commands)]
     assert not problems, "\n".join(problems)
+
+
+def test_the_evaluation_task_table_is_the_carried_one_byte_for_byte():
+    """`evaluation/tasks_sak.py` exists for the stand-alone `evaluate` module (evaluate copies only the files beside
+    it); it must be the carried table exactly: edit `remote_code/tasks_sak.py` and copy it over."""
+    assert not (PACKAGE / "evaluation" / "tasks_sak.py").is_symlink()
+    assert (PACKAGE / "evaluation" / "tasks_sak.py").read_bytes() == (REMOTE_CODE / "tasks_sak.py").read_bytes()
+
+
+def test_the_layout_is_one_folder_per_concept():
+    """The package's top holds only the registrations and two shared helpers; everything else lives in its concept's
+    sub-package."""
+    top = sorted(path.name for path in PACKAGE.glob("*.py"))
+    assert top == ["__init__.py", "cli.py", "model_card.py"], top
+    folders = sorted(path.name for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__")
+    assert folders == ["commands", "data", "evaluation", "remote_code", "teachers", "training"], folders
 
 
 def test_the_schema_columns_are_the_task_table():
     from modeling_sak.data.schema import TASK_COLUMNS
-    from modeling_sak.tasks_sak import TASKS
+    from modeling_sak.remote_code.tasks_sak import TASKS
 
     assert sorted(TASK_COLUMNS) == sorted(TASKS)

@@ -17,7 +17,7 @@ from conftest import tiny_config
 from PIL import Image
 
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
-from modeling_sak.recipe import load_recipe
+from modeling_sak.training.recipe import load_recipe
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def train(*argv):
 def module(name: str):
     import importlib
 
-    return importlib.import_module(f"modeling_sak.{name}").main
+    return importlib.import_module(f"modeling_sak.commands.{name}").main
 
 
 # (entry point, argv with {root} for the fixture's folder and {out} for a fresh output folder, expected message)
@@ -111,7 +111,7 @@ CASES = [
         ["--checkpoint", "{root}/none.pth", "--original_config", "{root}/none.yml", "--output_dir", "{out}"],
         "does not exist",
     ),
-    ("specialist_teachers", ["--data", "toyrooms", "--output_dir", "{out}"], "--data toyrooms: not a ToyRooms folder"),
+    ("train_specialists", ["--data", "toyrooms", "--output_dir", "{out}"], "--data toyrooms: not a ToyRooms folder"),
 ]
 
 
@@ -139,7 +139,7 @@ def test_the_real_commands_print_no_traceback(files, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     commands = [
         [sys.executable, str(ROOT / "train_accelerate.py"), "--toyrooms", "teacher_steps=10"],
-        [sys.executable, "-m", "modeling_sak.predict", "--model", str(files / "truncated_weights"), "x.png"],
+        [sys.executable, "-m", "modeling_sak.commands.predict", "--model", str(files / "truncated_weights"), "x.png"],
     ]
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
@@ -160,7 +160,8 @@ def test_mappings_are_read_as_people_type_them_and_a_partial_one_keeps_the_rest(
 
 
 def test_overwrite_output_dir_starts_over_in_a_folder_that_holds_a_run(tmp_path):
-    from modeling_sak.training import check_recipe, clear_run
+    from modeling_sak.training.checkpoints import clear_run
+    from modeling_sak.training.preflight import check_recipe
 
     recipe = load_recipe(None, {"output_dir": str(tmp_path)})
     for name in ("checkpoint-2", "final", "stage1"):
@@ -176,7 +177,7 @@ def test_overwrite_output_dir_starts_over_in_a_folder_that_holds_a_run(tmp_path)
 
 
 def test_predict_names_a_missing_image_and_still_writes_the_others(files, tmp_path, capsys):
-    from modeling_sak.predict import main
+    from modeling_sak.commands.predict import main
 
     status = main(
         ["--model", str(files / "model"), str(files / "photo.png"), "missing.jpg", "--output_dir", str(tmp_path)]

@@ -9,7 +9,7 @@ from conftest import tiny_config, tiny_stem
 from transformers import AutoConfig
 
 from modeling_sak import SAKConfig
-from modeling_sak.configuration_sak import default_out_indices
+from modeling_sak.remote_code.configuration_sak import default_out_indices
 
 
 def test_defaults_are_the_reference_vit_b_nyud_student():

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import exits_with_error
+from conftest import carried_files, exits_with_error
 from huggingface_hub import ModelCard
 from reference_sak import RefMultiTaskModel, RefSAKBackbone, randomize_
 from transformers import AutoImageProcessor, AutoModel
 
 import modeling_sak
 from modeling_sak import SAKForMultiTask
-from modeling_sak.convert_original_sak import main
+from modeling_sak.commands.convert_original_sak import main
 
 
 # ViT-S- and ViT-B-shaped tiny stems: the head counts and width/head ratios of the real ones, 4 blocks.
@@ -122,6 +122,37 @@ def test_stage2_checkpoint_converts_to_equal_outputs(tmp_path, tiny_vit_stems, s
     assert processor.pad_size == {"height": IMAGE_SIZE[0], "width": IMAGE_SIZE[1]}
 
 
+def test_a_converted_checkpoint_carries_exactly_the_remote_code_and_loads_without_the_package(
+    tmp_path, tiny_vit_stems
+):
+    reference = write_reference_run(tmp_path, "small", True, stage=2)
+    main(convert_args(tmp_path))
+    converted = tmp_path / "converted"
+    assert {path.name for path in converted.glob("*.py")} == carried_files()
+    x = torch.randn(1, 3, *IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(x)[1]
+    torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.modules["modeling_sak"] = None  # the checkpoint's own code, as on a machine without this package
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(converted)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            out = model(io["x"]).task_outputs
+        for task, value in io["expected"].items():
+            torch.testing.assert_close(out[task], value, atol=2e-5, rtol=1e-5)
+        print("OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
 def test_router_none_and_no_noise_convert(tmp_path, tiny_vit_stems):
     reference = write_reference_run(tmp_path, "base", False, stage=2, router_type="none", noisy=False)
     main(convert_args(tmp_path))
@@ -215,7 +246,7 @@ def test_push_to_hub_uploads_the_converted_folder(tmp_path, tiny_vit_stems, monk
 def test_reference_vit_b_nyud_parameter_count():
     """The converted ViT-B NYUD-v2 student without aligners has the reference's 126.40M parameters."""
     from modeling_sak import SAKConfig
-    from modeling_sak.convert_original_sak import REFERENCE_STEMS
+    from modeling_sak.commands.convert_original_sak import REFERENCE_STEMS
 
     with torch.device("meta"):
         config = SAKConfig(
@@ -279,7 +310,7 @@ def test_a_hub_checkpoint_converts_like_the_local_files(tmp_path, tiny_vit_stems
         import sys
         sys.path.insert(0, sys.argv[1])
         from test_convert_original_sak import SHAPES
-        from modeling_sak import convert_original_sak
+        from modeling_sak.commands import convert_original_sak
         convert_original_sak.REFERENCE_STEMS = {
             f"vit_{name}": {"hidden_size": d["dim"], "num_hidden_layers": d["depth"],
                             "num_attention_heads": d["heads"], "intermediate_size": d["hidden"]}
@@ -328,7 +359,7 @@ def test_without_a_filename_or_with_a_wrong_one_the_repo_is_listed(tmp_path):
             "README.md": b"# SAK",
         },
     )
-    command = ["-m", "modeling_sak.convert_original_sak", "--output_dir", str(tmp_path / "out")]
+    command = ["-m", "modeling_sak.commands.convert_original_sak", "--output_dir", str(tmp_path / "out")]
     listed = run_offline(cache, tmp_path, *command, "--repo_id", "yxlu0/SAK")
     assert listed.returncode == 1, listed.stderr[-3000:]
     assert "yxlu0/SAK holds these checkpoints according to the local cache" in listed.stderr, listed.stderr

@@ -13,9 +13,9 @@ import torch
 from datasets import Dataset, Features, Image, Value, load_dataset
 from PIL import Image as PILImage
 
-from modeling_sak.prepare_dataset import make_toyrooms
-from modeling_sak.recipe import Recipe
-from modeling_sak.training import make_loader
+from modeling_sak.commands.prepare_dataset import make_toyrooms
+from modeling_sak.training.loaders import make_loader
+from modeling_sak.training.recipe import Recipe
 
 
 TASKS = ["semseg", "normals", "edge", "depth"]

@@ -16,10 +16,10 @@ from huggingface_hub import ModelCard
 from PIL import Image
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak import evaluate_model as evaluate_model_module
-from modeling_sak.evaluate_model import main
+from modeling_sak.commands import evaluate_model as evaluate_model_module
+from modeling_sak.commands.evaluate_model import main
+from modeling_sak.commands.prepare_dataset import make_toyrooms
 from modeling_sak.evaluation.loop import evaluate
-from modeling_sak.prepare_dataset import make_toyrooms
 
 
 def test_cli_evaluates_a_checkpoint_and_draws_predictions(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_two_processes_give_exactly_the_single_process_metrics(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     args = [
         "-m",
-        "modeling_sak.evaluate_model",
+        "modeling_sak.commands.evaluate_model",
         "--model",
         str(tmp_path / "model"),
         "--dataset",

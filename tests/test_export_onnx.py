@@ -1,5 +1,5 @@
 """export_onnx: a trained run's checkpoint and a converted reference checkpoint export to ONNX graphs that ONNX
-Runtime runs like PyTorch (fp32, relative 1e-4) at two sizes, one not a patch multiple; the README's torch-free
+Runtime runs like PyTorch (fp32, relative 1e-4) at two sizes, one not a patch multiple; the docs' torch-free
 snippet runs in a fresh process without torch; bad inputs are refused and leave nothing behind."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from test_train_accelerate import run, tiny_args
 from transformers import AutoImageProcessor
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak.convert_original_sak import main as convert
-from modeling_sak.export_onnx import main
+from modeling_sak.commands.convert_original_sak import main as convert
+from modeling_sak.commands.export_onnx import main
 
 
 pytest.importorskip("onnxruntime")
@@ -72,21 +72,21 @@ def test_a_converted_reference_checkpoint_exports_and_matches_pytorch(tmp_path, 
     assert report["teachers"] == ["dinov2", "clip", "sam"]
 
 
-def readme_onnx_snippet() -> str:
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+def docs_onnx_snippet() -> str:
+    page = (ROOT / "docs" / "export_and_demo.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
     (snippet,) = [block for block in blocks if "onnxruntime.InferenceSession" in block]
     return snippet
 
 
-def test_the_readme_snippet_runs_the_export_without_torch(trained_run, tmp_path):
+def test_the_docs_snippet_runs_the_export_without_torch(trained_run, tmp_path):
     final, exported = trained_run
     from PIL import Image
     from skimage import data
 
     photo = Image.fromarray(data.astronaut()).resize((61, 45))  # a real photo, not a patch multiple
     photo.save(tmp_path / "room.jpg", quality=95)
-    snippet = readme_onnx_snippet().replace("outputs/sak-toyrooms/onnx", str(exported))
+    snippet = docs_onnx_snippet().replace("outputs/sak-toyrooms/onnx", str(exported))
     # Torch cannot be imported in this process: the snippet needs onnxruntime, numpy and PIL only.
     script = (
         "import sys\nsys.modules['torch'] = None\n"

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import TINY_IMAGE_SIZE, nyud_labels, tiny_config
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak.fast_path_sak import SAKDeployedTaskHead, fold_batch_norm
-from modeling_sak.modeling_sak import SAKTaskHead, mix_experts
+from modeling_sak.remote_code.fast_path_sak import SAKDeployedTaskHead, fold_batch_norm
+from modeling_sak.remote_code.modeling_sak import SAKTaskHead, mix_experts
 
 
 def make_model(**overrides) -> SAKForMultiTask:

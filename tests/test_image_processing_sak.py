@@ -13,8 +13,9 @@ from PIL import Image
 from transformers import AutoImageProcessor
 from transformers.testing_utils import CaptureLogger
 
-from modeling_sak import SAKForMultiTask, SAKImageProcessor, image_processing_sak
-from modeling_sak.image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, load_rgb_image
+from modeling_sak import SAKForMultiTask, SAKImageProcessor
+from modeling_sak.remote_code import image_processing_sak
+from modeling_sak.remote_code.image_processing_sak import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, load_rgb_image
 
 
 REAL_NYU_DEPTH = Path("/work/shared/real/nyu_frames/sync_depth_00000.png")  # not redistributable: used when present

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 
-from modeling_sak import losses
-from modeling_sak.losses import (
+from modeling_sak.remote_code import losses
+from modeling_sak.remote_code.losses import (
     balanced_bce_loss,
     cross_entropy_loss,
     distillation_loss,

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak.modeling_sak import resize_position_embeddings
+from modeling_sak.remote_code.modeling_sak import resize_position_embeddings
 
 
 def make_model(**overrides) -> SAKForMultiTask:

@@ -262,10 +262,12 @@ def test_the_multi_task_pipeline_in_process_and_its_arguments(tmp_path):
 
 
 def test_the_readme_usage_runs_on_a_tiny_checkpoint(tmp_path, monkeypatch):
-    """The README's "Use a SAK checkpoint" snippets, with the Hub id replaced by a local checkpoint."""
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Use a SAK checkpoint\n")[1].split("\n## ")[0]
+    """The README's "Use a SAK checkpoint" snippet and docs/usage.md's by-hand one, with the Hub id replaced by a local
+    checkpoint."""
+    root = Path(__file__).parents[1]
+    section = (root / "README.md").read_text().split("## Use a SAK checkpoint\n")[1].split("\n## ")[0]
     snippets = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    snippets += re.findall(r"```python\n(.*?)```", (root / "docs" / "usage.md").read_text(), flags=re.S)
     assert len(snippets) == 2 and snippets[0].lstrip().startswith("from transformers import pipeline")
     write_checkpoint(tmp_path / "checkpoint")
     photo().save(tmp_path / "room.jpg")

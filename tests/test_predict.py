@@ -14,8 +14,8 @@ from PIL import Image
 from test_image_processing_sak import REAL_NYU_DEPTH, depth_like_modes, photo_modes
 
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
+from modeling_sak.commands.predict import main
 from modeling_sak.evaluation.pictures import VOID_COLOUR, grid_title_height, palette
-from modeling_sak.predict import main
 
 
 def test_predict_writes_every_task_at_the_original_size_and_names_unreadable_files(tmp_path, capsys):
@@ -127,7 +127,7 @@ def test_predict_cli_reads_every_photo_mode_by_the_rules_and_refuses_depth_maps_
         [
             sys.executable,
             "-m",
-            "modeling_sak.predict",
+            "modeling_sak.commands.predict",
             "--model",
             str(tmp_path / "model"),
             "--device",

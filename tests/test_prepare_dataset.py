@@ -15,12 +15,12 @@ from conftest import exits_with_error
 from datasets import Array2D, Array3D, Dataset, Features, Value, load_dataset
 from PIL import Image
 
+from modeling_sak.commands.prepare_dataset import main, make_toyrooms
 from modeling_sak.data import toyrooms
 from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
 from modeling_sak.data.schema import decode_example, read_id2label
 from modeling_sak.data.transforms import MultiTaskTransform
-from modeling_sak.prepare_dataset import main, make_toyrooms
-from modeling_sak.tasks_sak import NYUD_V2_CLASSES
+from modeling_sak.remote_code.tasks_sak import NYUD_V2_CLASSES
 
 
 NYUD_TASKS = ["semseg", "normals", "edge", "depth"]
@@ -349,8 +349,8 @@ def test_the_class_names_ship_with_the_data_locally_and_from_the_hub(tmp_path, m
     assert read_id2label("org/toyrooms") == expected
 
     # Training names the model's semseg classes by the data (the saved config's id2label), when the count matches.
-    from modeling_sak.recipe import Recipe
-    from modeling_sak.training import build_config
+    from modeling_sak.training.recipe import Recipe
+    from modeling_sak.training.student import build_config
 
     assert build_config(Recipe(), {}, str(tmp_path / "toy")).id2label == expected
     assert build_config(Recipe(), {}, "org/toyrooms").label2id["picture"] == 6

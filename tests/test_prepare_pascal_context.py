@@ -15,11 +15,11 @@ from scipy.io import loadmat, savemat
 from scipy.ndimage import convolve
 from skimage.morphology import thin
 
+from modeling_sak.commands.prepare_dataset import context_edges, human_parts_label, main
 from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
 from modeling_sak.data.schema import read_id2label
 from modeling_sak.data.transforms import MultiTaskTransform
-from modeling_sak.prepare_dataset import context_edges, human_parts_label, main
-from modeling_sak.tasks_sak import PASCAL_CONTEXT_CLASSES
+from modeling_sak.remote_code.tasks_sak import PASCAL_CONTEXT_CLASSES
 
 
 PASCAL_TASKS = ["semseg", "human_parts", "normals", "edge", "sal"]

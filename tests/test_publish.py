@@ -11,9 +11,9 @@ from conftest import exits_with_error, tiny_config
 from huggingface_hub import ModelCard, metadata_load
 
 from modeling_sak import SAKForMultiTask, SAKImageProcessor
+from modeling_sak.commands.prepare_dataset import make_toyrooms
+from modeling_sak.commands.publish import check_folder, main
 from modeling_sak.model_card import render_model_card
-from modeling_sak.prepare_dataset import make_toyrooms
-from modeling_sak.publish import check_folder, main
 
 
 def write_checkpoint(folder, **save_kwargs):
@@ -85,7 +85,7 @@ def test_card_for_a_converted_reference_checkpoint(tmp_path, tiny_vit_stems):
     from test_convert_original_sak import convert_args, write_reference_run
 
     from modeling_sak import SAKConfig
-    from modeling_sak.convert_original_sak import main as convert
+    from modeling_sak.commands.convert_original_sak import main as convert
 
     write_reference_run(tmp_path, "base", True, stage=2)
     convert(convert_args(tmp_path))

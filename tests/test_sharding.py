@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 from test_train_accelerate import LOAD_AND_PREDICT, ROOT, run, tiny_args
 
-from modeling_sak.recipe import Recipe
-from modeling_sak.sharding import SHARDED_STATE_DIR, launch_error
+from modeling_sak.training.recipe import Recipe
+from modeling_sak.training.sharding import SHARDED_STATE_DIR, launch_error
 
 
 def torchrun(port: int) -> list[str]:
@@ -172,7 +172,7 @@ def test_fsdp2_trains_a_frozen_stem_through_both_stages_and_evaluates_on_gathere
 
 
 def test_resuming_a_checkpoint_of_the_other_strategy_names_the_one_to_use(tmp_path):
-    from modeling_sak.training import resolve_checkpoint
+    from modeling_sak.training.checkpoints import resolve_checkpoint
 
     checkpoint = tmp_path / "checkpoint-2"
     (checkpoint / SHARDED_STATE_DIR).mkdir(parents=True)
@@ -277,7 +277,7 @@ def test_fsdp2_in_the_recipe_with_one_process_or_fp16_stops(tmp_path):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_recomputes_the_stem():
     from conftest import nyud_labels, tiny_config
 
-    from modeling_sak.training import build_model
+    from modeling_sak.training.student import build_model
 
     config = tiny_config(noisy_gating=False)
     pixel_values = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))

@@ -7,13 +7,8 @@ import json
 import torch
 
 from modeling_sak import SAKConfig
-from modeling_sak.specialist_teachers import (
-    TOYROOMS_SOURCES,
-    ensure_specialists,
-    ensure_toyrooms,
-    source_fingerprint,
-)
-from modeling_sak.teachers import SAKTeachers
+from modeling_sak.teachers.committee import SAKTeachers
+from modeling_sak.teachers.specialists import TOYROOMS_SOURCES, ensure_specialists, ensure_toyrooms, source_fingerprint
 
 
 def test_specialists_train_save_and_load_as_sak_teachers(tmp_path, monkeypatch):

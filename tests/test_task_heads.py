@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from conftest import TEACHERS, nyud_labels, tiny_config, tiny_stem
 from torch.utils.flop_counter import FlopCounterMode
 
-from modeling_sak import SAKConfig, SAKForMultiTask, fast_path_sak
-from modeling_sak.fast_path_sak import resized_conv3x3
-from modeling_sak.modeling_sak import SAKTaskHead
+from modeling_sak import SAKConfig, SAKForMultiTask
+from modeling_sak.remote_code import fast_path_sak
+from modeling_sak.remote_code.fast_path_sak import resized_conv3x3
+from modeling_sak.remote_code.modeling_sak import SAKTaskHead
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:

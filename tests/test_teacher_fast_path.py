@@ -35,8 +35,8 @@ from transformers import (
 )
 
 from modeling_sak import SAKConfig
-from modeling_sak.teacher_fast_path import SAM_ATTENTION_METHODS, sam_attention, transformer_blocks
-from modeling_sak.teachers import SAKTeacher, SAKTeachers, load_teacher, sam_resize_and_pad
+from modeling_sak.teachers.committee import SAKTeacher, SAKTeachers, load_teacher, sam_resize_and_pad
+from modeling_sak.teachers.fast_path import SAM_ATTENTION_METHODS, sam_attention, transformer_blocks
 
 
 TOWER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}

@@ -43,7 +43,7 @@ from transformers import (
 from transformers.modeling_outputs import BaseModelOutput
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak.teachers import (
+from modeling_sak.teachers.committee import (
     FAMILY_POSITION_INTERPOLATION,
     ResampledPositionEmbeddings,
     SAKTeachers,
@@ -55,7 +55,7 @@ from modeling_sak.teachers import (
     teacher_specs,
     teacher_widths,
 )
-from modeling_sak.timm_teachers import is_timm_model_id
+from modeling_sak.teachers.timm_teachers import is_timm_model_id
 
 
 TOWER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}

@@ -26,8 +26,8 @@ from transformers import (  # noqa: E402
 )
 
 from modeling_sak import SAKConfig  # noqa: E402
-from modeling_sak.teachers import SAKTeachers, load_teacher, sam_resize_and_pad, teacher_widths  # noqa: E402
-from modeling_sak.timm_teachers import TimmTeacher, is_timm_model_id  # noqa: E402
+from modeling_sak.teachers.committee import SAKTeachers, load_teacher, sam_resize_and_pad, teacher_widths  # noqa: E402
+from modeling_sak.teachers.timm_teachers import TimmTeacher, is_timm_model_id  # noqa: E402
 
 
 TINY = {"embed_dim": 32, "depth": 4, "num_heads": 2}

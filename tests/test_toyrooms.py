@@ -6,11 +6,11 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Image, Value
 
+from modeling_sak.commands.prepare_dataset import make_toyrooms
 from modeling_sak.data import toyrooms
 from modeling_sak.data.loading import MultiTaskStream, load_multitask_split
 from modeling_sak.data.toyrooms import CLASSES, OpenedRows, generate, render
 from modeling_sak.data.transforms import MultiTaskTransform
-from modeling_sak.prepare_dataset import make_toyrooms
 
 
 def test_scenes_are_a_pure_function_of_seed_and_index():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import carried_files
 from safetensors.torch import load_file
 
 
@@ -97,6 +98,7 @@ def test_stage2_run_writes_a_remote_code_loadable_model_results_pictures_and_car
         assert (output / picture).stat().st_size > 1000
     card = (output / "final" / "README.md").read_text()
     assert "model-index" in card and "geometry" in card and "max_steps: 4" in card
+    assert {path.name for path in (output / "final").glob("*.py")} == carried_files()
     check = (
         "import sys, torch; sys.modules['modeling_sak'] = None; from transformers import AutoModel; "
         f"m = AutoModel.from_pretrained({str(output / 'final')!r}, trust_remote_code=True).eval(); "
@@ -297,7 +299,7 @@ def test_help_explains_every_flag():
         [sys.executable, str(ROOT / "train_accelerate.py"), "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0
-    from modeling_sak.recipe import Recipe
+    from modeling_sak.training.recipe import Recipe
 
     for item in dataclasses.fields(Recipe):
         assert f"--{item.name}" in result.stdout
@@ -375,7 +377,7 @@ def test_bad_flag_values_are_named_with_the_form_to_use(argv, message, capsys):
 
 
 def test_unknown_recipe_keys_and_bad_values_fail_before_training(tmp_path):
-    from modeling_sak.recipe import load_recipe
+    from modeling_sak.training.recipe import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("learning_rat: 0.1\n")
@@ -408,7 +410,7 @@ def test_a_lora_run_saves_merged_weights_that_reload_with_no_missing_keys_and_th
     from peft import get_peft_model_state_dict
 
     from modeling_sak import SAKConfig, SAKForMultiTask
-    from modeling_sak.training import apply_lora
+    from modeling_sak.training.lora import apply_lora
 
     output = tmp_path / "lora"
     common = ["--lora", "{r: 4}", "--stage1_steps", "2", "--checkpointing_steps", "2", "--eval_split", ""]

@@ -8,7 +8,7 @@ import torch
 from conftest import TEACHERS, TINY_IMAGE_SIZE, nyud_labels, tiny_config
 
 from modeling_sak import SAKForMultiTask
-from modeling_sak.training import make_optimizer, parameter_groups
+from modeling_sak.training.optimization import make_optimizer, parameter_groups
 
 
 def train(model: SAKForMultiTask, optimizer: torch.optim.Optimizer, steps: int = 3) -> list[float]:

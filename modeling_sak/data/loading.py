@@ -22,7 +22,7 @@ from datasets import Image, IterableDataset, load_dataset
 from datasets.distributed import split_dataset_by_node
 from transformers.utils import logging
 
-from ..tasks_sak import IGNORE_INDEX
+from ..remote_code.tasks_sak import IGNORE_INDEX
 from .schema import TASK_COLUMNS, check_example, decode_example, decode_image
 from .transforms import collate_multitask
 
@@ -67,7 +67,7 @@ def load_multitask_split(
     except (FileNotFoundError, ValueError) as error:
         raise ValueError(
             f"cannot load split {split!r} of {name_or_path!r}: {str(error).splitlines()[0]}. Give a Hub dataset id "
-            "or a folder written by `python -m modeling_sak.prepare_dataset`"
+            "or a folder written by `sak-prepare-dataset`"
         ) from error
     dataset = undecoded_images(dataset)
     if shuffle_buffer:

@@ -38,8 +38,8 @@ import numpy as np
 from datasets import Features, Image, Value
 from PIL import Image as PILImage
 
-from ..image_io_sak import to_rgb_array
-from ..tasks_sak import IGNORE_INDEX
+from ..remote_code.image_io_sak import to_rgb_array
+from ..remote_code.tasks_sak import IGNORE_INDEX
 
 
 # The task columns of a split, in the order files are written (kept for the splits already written); the tasks

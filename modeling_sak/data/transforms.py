@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..tasks_sak import IGNORE_INDEX
+from ..remote_code.tasks_sak import IGNORE_INDEX
 
 
 IMAGENET_MEAN = np.array(IMAGENET_DEFAULT_MEAN, dtype=np.float32)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..configuration_sak import SAKConfig
+from ..remote_code.configuration_sak import SAKConfig
 from .registry import make_metrics
 
 

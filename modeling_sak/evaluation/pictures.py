@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from ..tasks_sak import IGNORE_INDEX, TASKS
+from .tasks_sak import IGNORE_INDEX, TASKS
 
 
 VOID_COLOUR = (224, 223, 192)  # ignored pixels, as the reference draws them

@@ -26,7 +26,7 @@ Several processes, either way (the statistics are integer sums, so both give the
   `compute()` in every process.
 
 Stand-alone: the folder of this file holds everything the metric runs on (`counts`, `metrics`, `boundaries`,
-`registry` and `tasks_sak`, a link to the package's task table) and the files import each other relatively, so
+`registry` and `tasks_sak`, a copy of the package's task table) and the files import each other relatively, so
 `evaluate.load` of this file or of a copy of its folder works without the package installed.
 """
 

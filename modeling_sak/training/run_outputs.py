@@ -9,13 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .data.toyrooms import CLASSES
-from .evaluation.pictures import prediction_grid, router_bar_chart
-from .evaluation.registry import MAIN_METRIC, delta_m
-from .image_processing_sak import SAKImageProcessor
-from .model_card import render_model_card
+from ..data.toyrooms import CLASSES
+from ..evaluation.pictures import prediction_grid, router_bar_chart
+from ..evaluation.registry import MAIN_METRIC, delta_m
+from ..model_card import render_model_card
+from ..remote_code.image_processing_sak import SAKImageProcessor
+from .lora import merge_lora, save_lora_adapter
 from .recipe import Recipe
-from .training import merge_lora, save_lora_adapter
 
 
 def metric_table(runs: dict[str, dict[str, Any]]) -> str:

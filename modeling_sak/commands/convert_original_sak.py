@@ -1,11 +1,11 @@
 """Convert a checkpoint of the reference SAK implementation into a `from_pretrained`-loadable folder.
 
     # the authors' released checkpoints on the Hub (downloaded and cached by huggingface_hub):
-    python -m modeling_sak.convert_original_sak --repo_id yxlu0/SAK --filename PATH/checkpoint.pth \
+    sak-convert --repo_id yxlu0/SAK --filename PATH/checkpoint.pth \
         --output_dir sak-vitb-nyud [--revision REV] [--image_size 448 576] [--push_to_hub ORG/NAME]
-    python -m modeling_sak.convert_original_sak --repo_id yxlu0/SAK --output_dir x  # lists the checkpoints
+    sak-convert --repo_id yxlu0/SAK --output_dir x  # lists the checkpoints
     # or local files:
-    python -m modeling_sak.convert_original_sak --original_config config.yml --checkpoint checkpoint.pth \
+    sak-convert --original_config config.yml --checkpoint checkpoint.pth \
         --output_dir sak-vitb-nyud
 
 The reference saves `{"model": state_dict, "optimizer", ...}` with timm ViT names (`backbone.vit.blocks.0.attn.qkv`)
@@ -29,10 +29,10 @@ from huggingface_hub import HfApi, constants, hf_hub_download, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound, EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers.utils import logging
 
-from .cli import bad_input_exits
-from .configuration_sak import TASK_PRESETS, SAKConfig
-from .image_processing_sak import SAKImageProcessor
-from .modeling_sak import SAKForMultiTask
+from ..cli import bad_input_exits
+from ..remote_code.configuration_sak import TASK_PRESETS, SAKConfig
+from ..remote_code.image_processing_sak import SAKImageProcessor
+from ..remote_code.modeling_sak import SAKForMultiTask
 
 
 logger = logging.get_logger(__name__)
@@ -364,7 +364,7 @@ def convert(
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_sak.convert_original_sak",
+        prog="sak-convert",
         description="Convert a reference SAK checkpoint (checkpoint.pth + config.yml, local or in a Hub repo such as "
         "the authors' yxlu0/SAK) into a from_pretrained folder.",
     )
@@ -409,7 +409,7 @@ def write_provenance_card(output_dir: str | Path, config: SAKConfig, source: str
     added by `evaluate_model --write_card`, which keeps this `base_model`. Returns whether a card was written."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .model_card import pipeline_tag_for
+    from ..model_card import pipeline_tag_for
 
     path = Path(output_dir) / "README.md"
     if path.exists():
@@ -421,9 +421,9 @@ def write_provenance_card(output_dir: str | Path, config: SAKConfig, source: str
         tags=["sak", "converted"],
     )
     text = (
-        f"# {Path(output_dir).name}\n\nA SAK model converted with `python -m modeling_sak.convert_original_sak` from "
+        f"# {Path(output_dir).name}\n\nA SAK model converted with `sak-convert` from "
         f"the authors' checkpoint `{source}`; outputs match the reference implementation. Not evaluated yet: run "
-        "`python -m modeling_sak.evaluate_model --model THIS_FOLDER --dataset ... --write_card ORG/NAME`.\n"
+        "`sak-evaluate --model THIS_FOLDER --dataset ... --write_card ORG/NAME`.\n"
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}").save(path)
     return True
@@ -431,7 +431,7 @@ def write_provenance_card(output_dir: str | Path, config: SAKConfig, source: str
 
 def main(argv: list[str] | None = None) -> None:
     """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
-    with bad_input_exits("python -m modeling_sak.convert_original_sak"):
+    with bad_input_exits("sak-convert"):
         return _main(argv)
 
 
@@ -457,7 +457,7 @@ def _main(argv: list[str] | None = None) -> None:
     print(f"converted {parameters / 1e6:.2f}M parameters to {args.output_dir}")
     source = f"{args.repo_id}/{args.filename}" if args.repo_id else str(checkpoint)
     if write_provenance_card(args.output_dir, model.config, source, args.repo_id):
-        print(f"wrote {Path(args.output_dir) / 'README.md'} (evaluate_model --write_card adds the results)")
+        print(f"wrote {Path(args.output_dir) / 'README.md'} (sak-evaluate --write_card adds the results)")
     if args.push_to_hub:
         api = HfApi()
         api.create_repo(args.push_to_hub, private=args.private, exist_ok=True)

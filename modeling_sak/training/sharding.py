@@ -13,7 +13,7 @@ checkpointing and gathering below are the same code on every device and tests ru
 - `gather_student`: every process gets a plain (unsharded) copy of the student, which evaluates without collective
   calls and saves with `save_pretrained` exactly the files of a DDP run.
 
-The frozen teachers stay outside: replicated, in their dtype, on every process (README, Memory).
+The frozen teachers stay outside: replicated, in their dtype, on every process (docs/speed_and_memory.md, "Memory per GPU").
 """
 
 from __future__ import annotations
@@ -235,3 +235,9 @@ def gather_student(model: nn.Module, build: Callable[[], nn.Module], device: tor
         torch.distributed.broadcast(buffer, src=0)
     plain.train(model.training)
     return plain
+
+
+def distributed_without_gpu() -> bool:
+    """True when several processes were launched (torchrun, accelerate launch) on a machine without a GPU: then
+    `Accelerator(cpu=True)` is needed for them to form a gloo group instead of each running alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()

@@ -1,12 +1,12 @@
 """Write multi-task datasets in the package schema (parquet shards + dataset card), optionally pushing them to the Hub.
 
     # The reference NYUD-v2 folder (images/, segmentation/, normals/, edge/, depth/, gt_sets/{train,val}.txt):
-    python -m modeling_sak.prepare_dataset nyud --source NYUDv2 --output_dir nyud-v2-multitask [--push_to_hub ORG/NAME]
+    sak-prepare-dataset nyud --source NYUDv2 --output_dir nyud-v2-multitask [--push_to_hub ORG/NAME]
     # The reference PASCAL-Context folder (JPEGImages/, semseg/, human_parts/, normals_distill/, sal_distill/,
     # pascal-context/trainval/, json/, ImageSets/Context/{train,val}.txt):
-    python -m modeling_sak.prepare_dataset pascal_context --source PASCAL_MT --output_dir pascal-context-multitask
+    sak-prepare-dataset pascal_context --source PASCAL_MT --output_dir pascal-context-multitask
     # ToyRooms, generated (no download):
-    python -m modeling_sak.prepare_dataset toyrooms --output_dir toyrooms [--num_train 2000 --num_test 200]
+    sak-prepare-dataset toyrooms --output_dir toyrooms [--num_train 2000 --num_test 200]
 
 Example images are read by `image_processing_sak.load_rgb_image`'s rules (grayscale replicated, palette and CMYK
 converted, transparency composited onto white); an image that is not an 8-bit photo (a 16-bit or float single-channel
@@ -35,11 +35,11 @@ from datasets.arrow_writer import ParquetWriter
 from datasets.utils.py_utils import convert_file_size_to_int
 from PIL import Image
 
-from .cli import bad_input_exits, progress_bar
-from .data import toyrooms
-from .data.schema import ID2LABEL_NAME, encode_example, features_for, write_id2label
-from .image_processing_sak import load_rgb_image
-from .tasks_sak import NYUD_V2_CLASSES, PASCAL_CONTEXT_CLASSES
+from ..cli import bad_input_exits, progress_bar
+from ..data import toyrooms
+from ..data.schema import ID2LABEL_NAME, encode_example, features_for, write_id2label
+from ..remote_code.image_processing_sak import load_rgb_image
+from ..remote_code.tasks_sak import NYUD_V2_CLASSES, PASCAL_CONTEXT_CLASSES
 
 
 NYUD_SPLITS = {"train": "train.txt", "test": "val.txt"}
@@ -144,7 +144,7 @@ def write_card(
     `class_names`, also `id2label.json` (the semseg class names, see `modeling_sak.data.schema`) and a class table."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    from .model_card import hub_cards_dir
+    from ..model_card import hub_cards_dir
 
     features = features_for(columns)
     data = DatasetCardData(
@@ -542,7 +542,7 @@ def push_folder(output_dir: str | Path, repo_id: str, private: bool = False) -> 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_sak.prepare_dataset",
+        prog="sak-prepare-dataset",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -593,7 +593,7 @@ def _read_class_names(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
-    with bad_input_exits("python -m modeling_sak.prepare_dataset"):
+    with bad_input_exits("sak-prepare-dataset"):
         return _main(argv)
 
 

@@ -1,6 +1,6 @@
 """Export a SAK checkpoint to ONNX and check it against PyTorch with ONNX Runtime.
 
-    python -m modeling_sak.export_onnx outputs/sak-toyrooms/final --output outputs/sak-toyrooms/onnx
+    sak-export-onnx outputs/sak-toyrooms/final --output outputs/sak-toyrooms/onnx
 
 What is exported: the deployed model (`optimize_for_inference(dtype=None)`: BatchNorm folded, the low-resolution
 heads) in float32, every task head and the MoR router weights, with a dynamic batch size (1 to 64), height and width
@@ -13,7 +13,7 @@ task: semseg logits, depth in metres before the clamp, normals before normalisat
 
 What is not exported: training (losses, teacher features, aligners, the routers' noise), float16/bfloat16 (ONNX
 Runtime's CPU kernels are float32; convert the float32 graph with onnxconverter-common if a GPU runtime wants half
-precision) and the processor's pre- and post-processing (restated in numpy in the README; the processor is saved
+precision) and the processor's pre- and post-processing (restated in numpy in docs/export_and_demo.md; the processor is saved
 beside the model).
 
 Written to `--output`: `model.onnx`, the processor (`preprocessor_config.json` and its code) and `onnx_export.json`
@@ -37,11 +37,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import bad_input_exits, check_model_argument
-from .configuration_sak import SAKConfig
+from ..cli import bad_input_exits, check_model_argument
+from ..remote_code.configuration_sak import SAKConfig
 
 
-PROG = "python -m modeling_sak.export_onnx"
+PROG = "sak-export-onnx"
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "onnx_export.json"
 MAX_SIZE, MAX_BATCH = 4096, 64  # the exported graph's bounds on height / width and on the batch size
@@ -162,7 +162,7 @@ def export_onnx(
             above `tolerance` (nothing is written then).
     """
     require_onnx_extra()
-    from . import SAKForMultiTask, SAKImageProcessor
+    from .. import SAKForMultiTask, SAKImageProcessor
 
     output_dir = Path(output_dir)
     if (output_dir / MODEL_FILE).exists() and not overwrite:

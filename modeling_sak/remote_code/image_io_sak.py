@@ -2,7 +2,7 @@
 `SAKImageProcessor`, `predict`, the dataset converters and row decoding.
 
 A checkpoint carries this file (the image processor imports it); it needs only numpy and PIL, so the data package may
-import it too (see the README's architecture diagram).
+import it too (docs/layout.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Training code only: the student never imports this module, and teachers are neve
 
 A teacher is a transformers model (Hub id or folder) or, with the optional `timm` extra, a timm model
 (`timm/NAME.TAG`, `timm:NAME.TAG`, `hf-hub:ORG/NAME`, `local-dir:PATH` or a folder saved by timm; see
-`modeling_sak.timm_teachers`). Both give the targets the reference's teachers give (README, "Teachers").
+`modeling_sak.teachers.timm_teachers`). Both give the targets the reference's teachers give (docs/teachers.md).
 
 Over 500 lines on purpose: one concept, the committee (resolving teacher specs and the student config they imply,
 each family's input, position and output rules, the committee itself and its feature cache), kept in one place.
@@ -30,10 +30,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig
 from transformers.utils import logging
 
-from .configuration_sak import DEFAULT_STEM_CONFIG, SAKConfig
-from .modeling_sak import SAKForMultiTask
-from .teacher_base import FrozenTeacher, sam_resize_and_pad
-from .teacher_fast_path import FAST_PATH_FAMILIES, block_outputs
+from ..remote_code.configuration_sak import DEFAULT_STEM_CONFIG, SAKConfig
+from ..remote_code.modeling_sak import SAKForMultiTask
+from .base import FrozenTeacher, sam_resize_and_pad
+from .fast_path import FAST_PATH_FAMILIES, block_outputs
 
 
 logger = logging.get_logger(__name__)
@@ -83,7 +83,7 @@ def teacher_family(config: PreTrainedConfig) -> str:
 
 
 def is_timm_model_id(model_id: str) -> bool:
-    """True for the ids the timm path takes (see `modeling_sak.timm_teachers`), checked without importing timm."""
+    """True for the ids the timm path takes (see `modeling_sak.teachers.timm_teachers`), checked without importing timm."""
     from .timm_teachers import is_timm_model_id as check
 
     return check(model_id)

@@ -1,6 +1,6 @@
 """Evaluate a SAK checkpoint on a multi-task dataset split and print the paper's metrics.
 
-    python -m modeling_sak.evaluate_model --model PATH_OR_REPO --dataset NAME_OR_PATH [--split test]
+    sak-evaluate --model PATH_OR_REPO --dataset NAME_OR_PATH [--split test]
         [--output_dir DIR] [--save_predictions N] [--baseline nyud_vitb|results.json]
 
 The images are normalised and padded as the reference evaluation does (no resizing), predicted, and compared with
@@ -27,14 +27,14 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModel
 
-from .cli import bad_input_exits, check_model_argument, looks_like_path
-from .data.loading import MultiTaskStream, load_multitask_split
-from .data.transforms import MultiTaskTransform
-from .evaluation.loop import evaluate, evaluation_mode
-from .evaluation.pictures import denormalize, prediction_grid, save_task_pictures
-from .evaluation.registry import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
-from .image_processing_sak import SAKImageProcessor
-from .training import distributed_without_gpu
+from ..cli import bad_input_exits, check_model_argument, looks_like_path
+from ..data.loading import MultiTaskStream, load_multitask_split
+from ..data.transforms import MultiTaskTransform
+from ..evaluation.loop import evaluate, evaluation_mode
+from ..evaluation.pictures import denormalize, prediction_grid, save_task_pictures
+from ..evaluation.registry import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
+from ..remote_code.image_processing_sak import SAKImageProcessor
+from ..training.sharding import distributed_without_gpu
 
 
 def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Path, device) -> None:
@@ -66,13 +66,13 @@ def save_predictions(model, stream: MultiTaskStream, count: int, output_dir: Pat
 
 def main(argv: list[str] | None = None) -> dict:
     """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
-    with bad_input_exits("python -m modeling_sak.evaluate_model"):
+    with bad_input_exits("sak-evaluate"):
         return _main(argv)
 
 
 def _main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_sak.evaluate_model",
+        prog="sak-evaluate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -152,7 +152,7 @@ def _main(argv: list[str] | None = None) -> dict:
         if args.write_card:
             from huggingface_hub import ModelCard
 
-            from .model_card import render_model_card
+            from ..model_card import render_model_card
 
             card_path = Path(args.model) / "README.md"
             # The weights' origin is not known here: keep what the card being replaced said (training wrote it).
@@ -165,5 +165,10 @@ def _main(argv: list[str] | None = None) -> dict:
     return results
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """`sak-evaluate`: `main` without its return value (a console script's return value is its exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

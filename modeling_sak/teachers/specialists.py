@@ -1,6 +1,6 @@
 """Pretrain ToyRooms "specialist" teachers: a geometry ViT (depth + normals) and a semantics ViT (segmentation).
 
-    python -m modeling_sak.specialist_teachers --data DIR --output_dir DIR [--steps 600]
+    sak-train-specialists --data DIR --output_dir DIR [--steps 600]
 
 Each is a transformers `ViTModel` (width 96, 4 layers, patch 8) trained with a light per-patch head and saved with `save_pretrained` (the head and
 the test metrics go beside it in `head.safetensors` / `metrics.json`), so that SAK loads it exactly like a Hub
@@ -11,7 +11,6 @@ under a cache folder and reuse them afterwards.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -23,13 +22,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from .cli import advance, bad_input_exits, progress_bar
-from .data.loading import MultiTaskStream, load_multitask_split
-from .data.toyrooms import CLASSES, OpenedRows
-from .data.transforms import MultiTaskTransform
-from .evaluation.metrics import DepthMetric, NormalsMetric, SemsegMetric
-from .losses import cross_entropy_loss, l1_loss, normals_l1_loss
-from .recipe import MIN_TEACHER_STEPS, Recipe
+from ..cli import advance, progress_bar
+from ..data.loading import MultiTaskStream, load_multitask_split
+from ..data.toyrooms import CLASSES, OpenedRows
+from ..data.transforms import MultiTaskTransform
+from ..evaluation.metrics import DepthMetric, NormalsMetric, SemsegMetric
+from ..remote_code.losses import cross_entropy_loss, l1_loss, normals_l1_loss
 
 
 SPECIALISTS = {"geometry": {"depth": 1, "normals": 3}, "semantics": {"semseg": len(CLASSES)}}
@@ -177,15 +175,15 @@ def source_fingerprint(*modules: str | Path) -> str:
     return digest.hexdigest()[:8]
 
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parents[1]  # modeling_sak/: what `source_fingerprint` paths are relative to
 # The code that renders ToyRooms, and that plus what trains a specialist on it.
-TOYROOMS_SOURCES = ("data/toyrooms.py", "data/schema.py", "prepare_dataset.py")
+TOYROOMS_SOURCES = ("data/toyrooms.py", "data/schema.py", "commands/prepare_dataset.py")
 SPECIALIST_SOURCES = (
     *TOYROOMS_SOURCES,
-    "specialist_teachers.py",
+    "teachers/specialists.py",
     "data/loading.py",
     "data/transforms.py",
-    "losses.py",
+    "remote_code/losses.py",
 )
 
 
@@ -197,7 +195,7 @@ def ensure_toyrooms(
     seed: int = 0,
 ) -> Path:
     """The ToyRooms folder for these settings and this code, rendered on first use."""
-    from .prepare_dataset import make_toyrooms
+    from ..commands.prepare_dataset import make_toyrooms
 
     key = source_fingerprint(*TOYROOMS_SOURCES)
     folder = Path(cache_dir) / f"toyrooms-s{seed}-{size[0]}x{size[1]}-{num_train}-{num_test}-{key}"
@@ -231,72 +229,3 @@ def ensure_specialists(
             )
         folders[kind] = folder
     return folders
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
-    with bad_input_exits("python -m modeling_sak.specialist_teachers"):
-        return _main(argv)
-
-
-def _main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m modeling_sak.specialist_teachers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--data", required=True, help="a ToyRooms folder (python -m modeling_sak.prepare_dataset toyrooms)"
-    )
-    parser.add_argument("--output_dir", required=True, help="writes OUTPUT_DIR/geometry and OUTPUT_DIR/semantics")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        help="optimizer steps of each teacher, at least 20 (default: the default run's, geometry 800, semantics 300)",
-    )
-    parser.add_argument(
-        "--learning_rate",
-        type=float,
-        help="peak of each teacher's one-cycle learning rate (default: the default run's, geometry 1e-3, semantics "
-        "2e-3)",
-    )
-    parser.add_argument("--batch_size", type=int, default=16, help="images per step")
-    parser.add_argument("--size", type=int, nargs=2, default=[96, 128], metavar=("H", "W"), help="ToyRooms image size")
-    parser.add_argument("--width", type=int, default=96, help="teacher width")
-    parser.add_argument(
-        "--depth", type=int, default=4, help="teacher layers (a multiple of 4: levels by the depth rule)"
-    )
-    parser.add_argument("--patch", type=int, default=8, help="teacher patch size")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    args = parser.parse_args(argv)
-    if not (Path(args.data) / "README.md").is_file():
-        raise FileNotFoundError(
-            f"--data {args.data}: not a ToyRooms folder (no README.md); render one first: python -m "
-            f"modeling_sak.prepare_dataset toyrooms --output_dir {args.data}"
-        )
-    if args.steps is not None and args.steps < MIN_TEACHER_STEPS:
-        raise ValueError(
-            f"--steps {args.steps}: at least {MIN_TEACHER_STEPS} (the one-cycle schedule warms up over 10% of them)"
-        )
-    if args.depth < 4 or args.depth % 4 or args.width < 1 or args.batch_size < 1 or args.patch < 1:
-        raise ValueError("--depth must be a multiple of 4, and --width, --batch_size and --patch positive")
-    defaults = Recipe().toyrooms
-    for kind in SPECIALISTS:
-        metrics = train_specialist(
-            kind,
-            args.data,
-            Path(args.output_dir) / kind,
-            tuple(args.size),
-            args.steps or defaults["teacher_steps"][kind],
-            args.batch_size,
-            args.width,
-            args.depth,
-            args.patch,
-            args.seed,
-            args.learning_rate or defaults["teacher_learning_rate"][kind],
-        )
-        print(f"{kind}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-
-if __name__ == "__main__":
-    main()

@@ -3,8 +3,11 @@ task presets (output channels, loss weights, class names).
 
 Every part of the package reads its task facts here and nowhere else: the config (presets, default losses), the image
 processor (post-processing), the metrics (main metric, direction of Delta_m), the model card, the pictures and the
-dataset schema. A checkpoint carries this file (the config and the processor import it), so it imports only the
-standard library; the data package may import it too (see the README's architecture diagram).
+dataset schema. It imports only the standard library.
+
+The file exists twice, byte for byte: `remote_code/tasks_sak.py`, which a checkpoint carries (the config and the
+processor import it), and `evaluation/tasks_sak.py`, which the stand-alone `evaluate` module carries (evaluate copies
+only files beside the module). Edit the first and copy it over the second: tests/test_architecture.py compares them.
 """
 
 from __future__ import annotations

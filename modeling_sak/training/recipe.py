@@ -142,7 +142,7 @@ class Recipe:
     torch_compile: bool = _field(
         False,
         "compile the student for training with torch.compile (Accelerate's dynamo_backend='inductor'); the first "
-        "steps compile (minutes on a CPU); measured slower than eager on a 2-core CPU (README, Speed)",
+        "steps compile (minutes on a CPU); measured slower than eager on a 2-core CPU (docs/speed_and_memory.md)",
     )
     gradient_checkpointing: bool = _field(
         False,

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .teacher_base import FrozenTeacher
+from .base import FrozenTeacher
 
 
 TIMM_PREFIXES = ("timm/", "timm:", "hf-hub:", "local-dir:")

@@ -1,6 +1,6 @@
 """Run a SAK checkpoint on any images and write every task's prediction as pictures.
 
-    python -m modeling_sak.predict --model PATH_OR_REPO IMAGE [IMAGE ...] [--output_dir predictions]
+    sak-predict --model PATH_OR_REPO IMAGE [IMAGE ...] [--output_dir predictions]
 
 For each image `NAME.ext`, writes `NAME_{task}.png` per task (semseg / human_parts in the reference palettes, depth
 as a colour map, normals as RGB, boundaries and saliency as grey probabilities) and `NAME_grid.png` (the image and all
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from .cli import bad_input_exits, check_model_argument
-from .evaluation.pictures import save_task_pictures
-from .image_io_sak import load_rgb_image
+from ..cli import bad_input_exits, check_model_argument
+from ..evaluation.pictures import save_task_pictures
+from ..remote_code.image_io_sak import load_rgb_image
 
 
 def load_images(paths: list[str]) -> tuple[list[tuple[Path, np.ndarray]], list[str]]:
@@ -43,7 +43,7 @@ def load_images(paths: list[str]) -> tuple[list[tuple[Path, np.ndarray]], list[s
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_sak.predict",
+        prog="sak-predict",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
-    with bad_input_exits("python -m modeling_sak.predict"):
+    with bad_input_exits("sak-predict"):
         return _main(argv)
 
 

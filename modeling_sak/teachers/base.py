@@ -13,7 +13,7 @@ from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from transformers.image_utils import IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-from .configuration_sak import default_out_indices
+from ..remote_code.configuration_sak import default_out_indices
 
 
 # Normalisation each family was pretrained with, for the optional per-teacher re-normalisation.

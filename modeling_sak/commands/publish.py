@@ -1,6 +1,6 @@
 """Publish a SAK checkpoint folder to the Hub, but only after it has been proven to load.
 
-    python -m modeling_sak.publish --checkpoint DIR --repo_id ORG/NAME [--private] [--revision BRANCH]
+    sak-publish --checkpoint DIR --repo_id ORG/NAME [--private] [--revision BRANCH]
 
 Checks: config.json (a SAK config with auto_map), the weights (`model.safetensors`, or the
 `model.safetensors.index.json` + `model-0000x-of-0000y.safetensors` shards that `save_pretrained(max_shard_size=...)`
@@ -128,15 +128,15 @@ def publish(folder: str | Path, repo_id: str, private: bool = False, revision: s
 
 def main(argv: list[str] | None = None) -> None:
     """The command; a bad input ends in one `error:` line and exit status 2 (`modeling_sak.cli`)."""
-    from .cli import bad_input_exits
+    from ..cli import bad_input_exits
 
-    with bad_input_exits("python -m modeling_sak.publish"):
+    with bad_input_exits("sak-publish"):
         return _main(argv)
 
 
 def _main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m modeling_sak.publish",
+        prog="sak-publish",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
