@@ -4,7 +4,7 @@
     accelerate launch train_accelerate.py --config configs/nyud_vitb.yaml --mixed_precision bf16
     accelerate launch train_accelerate.py --config configs/nyud_vitb.yaml --resume_from_checkpoint latest
 
-Every recipe key (`modeling_sak.recipe.Recipe`, configs/*.yaml) is also a flag; flags override the recipe, which
+Every recipe key (`modeling_sak.training.recipe.Recipe`, configs/*.yaml) is also a flag; flags override the recipe, which
 overrides the default. The default renders ToyRooms, pretrains its two specialist teachers (both cached under
 --cache_dir), trains SAK and a no-teacher baseline of the same budget, and prints and draws the results.
 """

@@ -7,7 +7,7 @@ tokens (as `SAKForMultiTask._student_features` makes it), a bf16 channels-last t
 fast teacher path returns SAM's). Variants, alternated `--repeats` times after a warm-up, forward + backward each:
 - `composition`: the reference's order (`flops.reference_distillation_loss`: the student resized with
   `F.interpolate`, then `F.cosine_embedding_loss` of the flattened maps + `F.smooth_l1_loss`);
-- `sak`: `modeling_sak.losses.distillation_loss` ([`upsampled_distillation_loss`]).
+- `sak`: `modeling_sak.remote_code.losses.distillation_loss` ([`upsampled_distillation_loss`]).
 Medians and the largest relative difference of the two losses go to bench/results/distillation_loss.json.
 """
 

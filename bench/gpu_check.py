@@ -12,7 +12,7 @@ Checks (each records "passed", "failed" or "skipped" with a reason, its criteria
   `torch.amp.GradScaler`), as accelerate does on a GPU.
 - `ddp_2proc`: one 2-process DDP step via torchrun (NCCL on two GPUs; gloo on a machine without a GPU; skipped on a
   machine with one GPU): finite losses and identical replicas after the step.
-- `fsdp2_2proc`: the student sharded with FSDP2 over 2 processes (`modeling_sak.sharding`, as `train_accelerate.py
+- `fsdp2_2proc`: the student sharded with FSDP2 over 2 processes (`modeling_sak.training.sharding`, as `train_accelerate.py
   --distributed_strategy fsdp2` runs it; full mode: ViT-L with the large committee at 448x576, batch 2): a step, a
   sharded checkpoint, the next step, and that step again in a fresh sharded student and optimizer loaded from the
   checkpoint: finite losses, the resumed step's loss and parameters bit for bit the original's, the gathered copy
@@ -271,7 +271,7 @@ def ddp_worker(job: dict) -> dict | None:
 
 def fsdp2_worker(job: dict) -> dict | None:
     """An FSDP2 step, a sharded checkpoint, the next step, and that step again from the checkpoint in a fresh sharded
-    student and optimizer, in each of the torchrun processes, through `modeling_sak.sharding` as `train_accelerate.py
+    student and optimizer, in each of the torchrun processes, through `modeling_sak.training.sharding` as `train_accelerate.py
     --distributed_strategy fsdp2` runs it; rank 0 reports."""
     from accelerate import Accelerator
 

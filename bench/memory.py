@@ -10,7 +10,7 @@ and tasks) in bf16, bf16 with gradient checkpointing and float32 (`mixed_precisi
 - weights: the student in float32; its gradients (float32) and AdamW's two moments (float32), every parameter
   trainable (full fine-tuning: LoRA or `freeze_stem` need less);
 - DDP adds its gradient buckets (a float32 copy of the gradients: `gradient_as_bucket_view` is off by default);
-- FSDP2 over `--world_size` processes (`modeling_sak.sharding.shard_student`) keeps 1/N of weights, gradients and
+- FSDP2 over `--world_size` processes (`modeling_sak.training.sharding.shard_student`) keeps 1/N of weights, gradients and
   moments, plus what is unsharded at a time: the root unit (adapter paths, routers, heads) in float32 with its
   float32 gradient for the whole step, and two stem blocks in bfloat16 (the one running and the one prefetched)
   with one block's float32 gradient before its reduce-scatter;

@@ -1,4 +1,4 @@
-"""The teachers' fast path: the same maps as transformers' own forward, less work (modeling_sak.teacher_fast_path).
+"""The teachers' fast path: the same maps as transformers' own forward, less work (modeling_sak.teachers.fast_path).
 
 Teachers are tiny random models of every family saved and loaded by path like Hub teachers. Weights are drawn at a
 realistic scale: transformers' `SamVisionConfig` defaults to `initializer_range=1e-10` (near-zero weights, subnormal

@@ -6,8 +6,8 @@
 The images are normalised and padded as the reference evaluation does (no resizing), predicted, and compared with
 the labels over valid pixels. Metrics come from streaming sufficient statistics (see
 `modeling_sak.evaluation`). To split the data over K processes, run it under
-`accelerate launch --num_processes K [--cpu] -m modeling_sak.evaluate_model ...` or
-`torchrun --nproc_per_node K -m modeling_sak.evaluate_model ...`: every statistic is an integer sum, so the numbers
+`accelerate launch --num_processes K [--cpu] -m modeling_sak.commands.evaluate_model ...` or
+`torchrun --nproc_per_node K -m modeling_sak.commands.evaluate_model ...`: every statistic is an integer sum, so the numbers
 equal the single-process ones exactly. Boundaries are scored with the paper's odsF (the authors' SEISM protocol:
 radius-4 non-maximum suppression, 99 thresholds, one-to-one matching; `--boundary tolerance` for a quick
 approximation). Writes

@@ -1,4 +1,4 @@
-"""What every teacher backend shares (transformers teachers in `teachers.py`, timm teachers in `timm_teachers.py`):
+"""What every teacher backend shares (transformers teachers in `committee.py`, timm teachers in `timm_teachers.py`):
 the levels, the input (re-normalisation, SAM's resize and pad, dtype) and the description the feature cache keys on.
 Training code only, like both backends."""
 

@@ -257,7 +257,7 @@ class SAKTeacher(FrozenTeacher):
 
     With `fast_path=True` (the default; an attribute that may be switched at any time) a DINOv2, CLIP, SigLIP, ViT
     or SAM teacher runs only the blocks its levels need, SAM's attention without materialising its relative-position
-    bias (`modeling_sak.teacher_fast_path`); the maps equal transformers' own forward (`fast_path=False`) up to float
+    bias (`modeling_sak.teachers.fast_path`); the maps equal transformers' own forward (`fast_path=False`) up to float
     rounding. Other models always run transformers' forward.
     """
 

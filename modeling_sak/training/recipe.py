@@ -153,7 +153,7 @@ class Recipe:
     distributed_strategy: Literal["ddp", "fsdp2"] = _field(
         "ddp",
         "'ddp': every process holds the whole student; 'fsdp2': the student's parameters, gradients and AdamW state "
-        "sharded across processes (torch's fully_shard per stem block, `modeling_sak.sharding`), on GPUs or CPUs; "
+        "sharded across processes (torch's fully_shard per stem block, `modeling_sak.training.sharding`), on GPUs or CPUs; "
         "`accelerate launch --use_fsdp --fsdp_version 2` sets it",
     )
     eval_steps: int = _field(0, "evaluate every N steps (0: only at the end)")
