@@ -104,6 +104,11 @@ CASES = [
     ),
     ("evaluate_model", ["--model", "{root}/missing", "--dataset", "x"], "--model {root}/missing: no such folder"),
     ("evaluate_model", ["--model", "{root}/model", "--dataset", "./no_data"], "--dataset ./no_data: no such folder"),
+    (
+        "evaluate_model",
+        ["--model", "{root}/model", "--dataset", "toyrooms"],
+        "--dataset toyrooms: ToyRooms is rendered",
+    ),
     # the other commands
     ("prepare_dataset", ["nyud", "--source", "{root}/no_nyud", "--output_dir", "{out}"], "does not exist"),
     (

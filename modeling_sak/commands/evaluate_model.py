@@ -110,6 +110,11 @@ def _main(argv: list[str] | None = None) -> dict:
         baseline = baseline.get("metrics", baseline)
 
     check_model_argument(args.model)
+    if args.dataset == "toyrooms" and not Path(args.dataset).is_dir():
+        raise ValueError(
+            "--dataset toyrooms: ToyRooms is rendered, not on the Hub (training renders it into its cache); render "
+            "the default run's test set with `sak-prepare-dataset toyrooms --output_dir DIR` and pass --dataset DIR"
+        )
     if looks_like_path(args.dataset) and not Path(args.dataset).expanduser().exists():
         raise FileNotFoundError(
             f"--dataset {args.dataset}: no such folder; give a folder in the package schema or a Hub id"

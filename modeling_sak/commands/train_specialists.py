@@ -1,7 +1,7 @@
 """Pretrain the two ToyRooms specialist teachers (`modeling_sak.teachers.specialists`): a geometry ViT (depth +
 normals) and a semantics ViT (segmentation), each saved with `save_pretrained` under OUTPUT_DIR.
 
-    sak-train-specialists --data DIR --output_dir DIR [--steps 600]
+    sak-train-specialists --data DIR --output_dir DIR [--steps N]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Pretrain ToyRooms "specialist" teachers: a geometry ViT (depth + normals) and a semantics ViT (segmentation).
 
-    sak-train-specialists --data DIR --output_dir DIR [--steps 600]
+    sak-train-specialists --data DIR --output_dir DIR [--steps N]
 
 Each is a transformers `ViTModel` (width 96, 4 layers, patch 8) trained with a light per-patch head and saved with `save_pretrained` (the head and
 the test metrics go beside it in `head.safetensors` / `metrics.json`), so that SAK loads it exactly like a Hub
