@@ -10,7 +10,7 @@ from ..cli import looks_like_path
 from ..remote_code.configuration_sak import SAKConfig
 from .checkpoints import RUN_FILES, checkpoint_dirs, resolve_checkpoint
 from .recipe import Recipe
-from .student import task_weights
+from .student import config_arguments
 
 
 def check_recipe(recipe: Recipe, resume: str | None = None, overwrite_output_dir: bool = False) -> None:
@@ -51,15 +51,7 @@ def check_recipe(recipe: Recipe, resume: str | None = None, overwrite_output_dir
             stem_config=stem,
             teachers={name: {"hidden_size": spec["hidden_size"]} for name, spec in teachers.items()},
             use_aligners=any(spec["hidden_size"] != width for spec in teachers.values()),
-            image_size=recipe.image_size,
-            down_ratio=recipe.down_ratio,
-            router_type=recipe.router_type,
-            noisy_gating=recipe.noisy_gating,
-            tasks={} if recipe.stage == 1 else recipe.tasks,
-            task_loss_weights=None if recipe.stage == 1 else task_weights(recipe),
-            distill_alpha=recipe.distill_alpha,
-            distill_loss_type=recipe.distill_loss_type,
-            head_implementation=recipe.head_implementation,
+            **config_arguments(recipe),
         )
     except ValueError as error:
         depth = stem.get("num_hidden_layers")

@@ -24,6 +24,22 @@ def task_weights(recipe: Recipe) -> dict[str, float]:
     return {task: weight for task, weight in recipe.task_loss_weights.items() if task in recipe.tasks}
 
 
+def config_arguments(recipe: Recipe) -> dict[str, Any]:
+    """The `SAKConfig` arguments a recipe gives directly: all but the stem and the teachers (`build_config`, and
+    `preflight.check_recipe` before any teacher is resolved)."""
+    return {
+        "image_size": recipe.image_size,
+        "down_ratio": recipe.down_ratio,
+        "router_type": recipe.router_type,
+        "noisy_gating": recipe.noisy_gating,
+        "tasks": {} if recipe.stage == 1 else recipe.tasks,
+        "task_loss_weights": None if recipe.stage == 1 else task_weights(recipe),
+        "distill_alpha": recipe.distill_alpha,
+        "distill_loss_type": recipe.distill_loss_type,
+        "head_implementation": recipe.head_implementation,
+    }
+
+
 def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]], dataset: str | None = None) -> SAKConfig:
     """The student's `SAKConfig` from a recipe and resolved teacher specs (`teachers.student_config`: aligners where a
     teacher's width differs from the stem's); its semseg classes are named by the `dataset` (local folder or Hub id)
@@ -36,15 +52,7 @@ def build_config(recipe: Recipe, teachers: dict[str, dict[str, Any]], dataset: s
     config = student_config(
         stem,
         teachers,
-        image_size=recipe.image_size,
-        down_ratio=recipe.down_ratio,
-        router_type=recipe.router_type,
-        noisy_gating=recipe.noisy_gating,
-        tasks={} if recipe.stage == 1 else recipe.tasks,
-        task_loss_weights=None if recipe.stage == 1 else task_weights(recipe),
-        distill_alpha=recipe.distill_alpha,
-        distill_loss_type=recipe.distill_loss_type,
-        head_implementation=recipe.head_implementation,
+        **config_arguments(recipe),
     )
     return label_names_from_data(config, dataset) if dataset else config
 
