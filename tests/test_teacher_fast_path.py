@@ -36,7 +36,13 @@ from transformers import (
 
 from modeling_sak import SAKConfig
 from modeling_sak.teachers.committee import SAKTeacher, SAKTeachers, load_teacher, sam_resize_and_pad
-from modeling_sak.teachers.fast_path import SAM_ATTENTION_METHODS, sam_attention, transformer_blocks
+from modeling_sak.teachers.fast_path import (
+    SAM_ATTENTION_METHODS,
+    chunked_biased_attention,
+    default_sam_attention_method,
+    sam_attention,
+    transformer_blocks,
+)
 
 
 TOWER = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 64}
@@ -173,6 +179,50 @@ def test_sam_attention_equals_transformers_attention_module(shape, window_size, 
             expected = attention(hidden)[0]
             actual = sam_attention(attention, hidden, method)
         torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    ("shape", "window_size"),
+    [((3, 5, 5, 32), 5), ((2, 6, 9, 32), 0), ((1, 16, 16, 32), 0)],
+    ids=["windows", "non-square-global", "square-global"],
+)
+def test_sam_attention_in_bfloat16_is_transformers_eager_attention_up_to_one_rounding(shape, window_size):
+    """In bfloat16 (the teachers' dtype on the fast path) the default method on CPU (chunked where there is no AMX)
+    follows transformers' eager order of operations: it differs from transformers' eager module by at most one
+    bfloat16 rounding of the output (softmax rounds its bfloat16 output once instead of going through float32)."""
+    config = SamVisionConfig(**SAM_VISION)
+    config.window_size = window_size or config.window_size
+    config._attn_implementation = "eager"
+    torch.manual_seed(4)
+    model = SamVisionModel(config).eval()
+    randomise_sam_positions(model)
+    model = model.to(torch.bfloat16)
+    attention = model.vision_encoder.layers[0 if window_size else 1].attn
+    hidden = torch.randn(*shape, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = attention(hidden)[0]
+        for method in ("chunked", None):
+            actual = sam_attention(attention, hidden, method)
+            assert actual.dtype == torch.bfloat16
+            torch.testing.assert_close(actual, expected, rtol=0, atol=2**-8 * expected.abs().max().item())
+    assert default_sam_attention_method(hidden) in ("chunked", "augmented")
+    assert default_sam_attention_method(hidden.float()) == "bias_by_head"
+
+
+@pytest.mark.parametrize("max_logits", [1, 7 * 20, 3 * 20 * 20, 1 << 21])
+def test_chunked_biased_attention_is_the_biased_softmax_attention_for_any_slicing(max_logits):
+    """Slices of one row, of 7 rows (a ragged last block), of several heads at once and the whole: all give
+    `softmax(scale * q k^T + rel_h[q, kr] + rel_w[q, kc]) v`, written out in float64 with the bias as a full tensor."""
+    batch, heads, height, width, head_dim = 2, 3, 4, 5, 8
+    generator = torch.Generator().manual_seed(5)
+    query, key, value = (torch.randn(batch, heads, height * width, head_dim, generator=generator) for _ in range(3))
+    rel_h = torch.randn(batch, heads, height * width, height, generator=generator)
+    rel_w = torch.randn(batch, heads, height * width, width, generator=generator)
+    query, key, value, rel_h, rel_w = (t.double() for t in (query, key, value, rel_h, rel_w))
+    bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (batch, heads, tokens, tokens)
+    expected = torch.softmax(0.3 * query @ key.transpose(-1, -2) + bias, dim=-1) @ value
+    actual = chunked_biased_attention(query, key, value, rel_h, rel_w, 0.3, max_logits=max_logits)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "clip", "siglip_full", "vit", "sam"])

@@ -11,9 +11,10 @@ a column term.
 returns the block outputs transformers reports as `hidden_states[i + 1]`. SAM's attention is computed by
 [`sam_attention`] without the bias tensor of all heads: either in one SDPA call with no mask, each query carrying its
 row and column terms as extra channels and each key the one-hot indicators of its row and column (the dot product of
-the extended vectors is `scale * q.k + rel_h[q, key row] + rel_w[q, key column]`, exactly the biased logit), or, where
-that extra arithmetic costs more than the memory traffic it saves (float32 on CPU), with one head's bias at a time.
-Training code only, like the teachers.
+the extended vectors is `scale * q.k + rel_h[q, key row] + rel_w[q, key column]`, exactly the biased logit); or, where
+that extra arithmetic costs more than the memory traffic it saves (float32 on CPU), with one head's bias at a time;
+or (bfloat16 on a CPU without AMX) in transformers' own order of operations over slices of heads and query rows small
+enough to stay in cache. Training code only, like the teachers.
 """
 
 from __future__ import annotations
@@ -27,11 +28,18 @@ from torch import nn
 
 # The families whose transformers models the fast path knows how to run block by block.
 FAST_PATH_FAMILIES = ("dinov2", "clip", "siglip", "vit", "sam")
-# How `sam_attention` adds SAM's relative-position bias. The default is "bias_by_head" for float32 on CPU, where the
-# extra arithmetic of "augmented" costs more than the bias's memory traffic (the attention of one global layer of SAM-B
-# at 1024 x 1024 on 2 AVX-512 cores: 0.96 s augmented, 0.51 s bias by head, 0.74 s a bias of all heads, 0.38 s no bias
-# at all), and "augmented" otherwise (bfloat16 there: 0.16 s augmented, 0.23 s by head, 0.32 s all heads).
-SAM_ATTENTION_METHODS = ("augmented", "bias_by_head")
+# How `sam_attention` adds SAM's relative-position bias; `default_sam_attention_method` picks one per dtype and device.
+# Measured for one global layer of SAM-B at 1024 x 1024 (4096 tokens, 12 heads):
+# - float32 on CPU: "bias_by_head" (2 AVX-512 cores, batch 1: 0.96 s augmented, 0.51 s bias by head, 0.74 s a bias of
+#   all heads, 0.38 s no bias at all; AMD EPYC, batch 2: 1.87 s augmented, 0.86 s by head, 1.2 s chunked);
+# - bfloat16 on a CPU with AMX: "augmented" (Intel Xeon, batch 1: 0.16 s augmented, 0.23 s by head, 0.32 s all heads);
+# - bfloat16 on a CPU without AMX: "chunked" (AMD EPYC with AVX-512 bf16, batch 2: 1.85 s augmented, 0.82 s by head,
+#   0.58 s chunked, 0.66 s no bias at all; 14 x 14 windows: 0.083 s, 0.081 s and 0.055 s);
+# - CUDA: "augmented" (one fused kernel).
+SAM_ATTENTION_METHODS = ("augmented", "bias_by_head", "chunked")
+# The most logits one slice of the "chunked" method holds: 2 ** 21 elements (4 MiB in bfloat16), so that a slice and
+# its bias stay in cache.
+CHUNKED_LOGITS = 1 << 21
 
 
 def _position_indicators(height: int, width: int, extra: int, dtype: torch.dtype, device: torch.device):
@@ -53,8 +61,7 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
         attention: a transformers `SamVisionAttention` (`qkv`, `proj`, `num_attention_heads`, `scale`,
             `use_rel_pos`, `rel_pos_h`, `rel_pos_w`, `get_rel_pos`).
         hidden_states: `(batch_size, height, width, hidden_size)` tokens of one window or of the whole grid.
-        method: `"augmented"`, `"bias_by_head"` or None (the faster one for the dtype and device, see
-            `SAM_ATTENTION_METHODS`).
+        method: one of `SAM_ATTENTION_METHODS`, or None for [`default_sam_attention_method`]'s.
 
     Returns:
         `(batch_size, height, width, hidden_size)`, equal to transformers' result up to float rounding.
@@ -65,6 +72,10 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
     dimension (rounded up to a multiple of 8) because fused SDPA kernels need equal query, key and value widths.
     No bias is built, at the price of 2-3x the attention arithmetic. `"bias_by_head"`: the bias of one head at a time,
     written once in the layout SDPA reads (transformers writes all heads' bias, then copies it to that layout).
+    `"chunked"`: transformers' eager arithmetic in the same order (logits by matmul, plus `rel_h + rel_w`, softmax,
+    times the value) on slices of heads and query rows of at most `CHUNKED_LOGITS` logits each
+    ([`chunked_biased_attention`]), so no slice leaves the cache; in bfloat16 on CPU it gives the bits of
+    transformers' eager attention (tested).
     """
     batch_size, height, width, _ = hidden_states.shape
     heads, tokens = attention.num_attention_heads, height * width
@@ -77,9 +88,7 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
         grid_query = query.reshape(batch_size, heads, height, width, head_dim)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", grid_query, table_h).reshape(batch_size, heads, tokens, height)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", grid_query, table_w).reshape(batch_size, heads, tokens, width)
-        method = method or (
-            "bias_by_head" if (query.device.type, query.dtype) == ("cpu", torch.float32) else "augmented"
-        )
+        method = method or default_sam_attention_method(query)
         if method not in SAM_ATTENTION_METHODS:
             raise ValueError(f"method={method!r} is not one of {SAM_ATTENTION_METHODS}")
         if method == "augmented":
@@ -89,6 +98,8 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
             key = torch.cat([key, indicators.expand(batch_size, heads, tokens, -1)], dim=-1)
             value = F.pad(value, (0, height + width + extra))
             output = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
+        elif method == "chunked":
+            output = chunked_biased_attention(query, key, value, rel_h, rel_w, attention.scale)
         else:
             output = query.new_empty(batch_size, heads, tokens, head_dim)
             bias = query.new_empty(batch_size, 1, tokens, height, width)
@@ -106,6 +117,68 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
         output = F.scaled_dot_product_attention(query, key, value, scale=attention.scale)
     output = output.reshape(batch_size, heads, height, width, head_dim).permute(0, 2, 3, 1, 4)
     return attention.proj(output.reshape(batch_size, height, width, -1))
+
+
+def default_sam_attention_method(query: torch.Tensor) -> str:
+    """The [`sam_attention`] method that measured fastest for `query`'s dtype and device (see
+    `SAM_ATTENTION_METHODS`): on CPU "bias_by_head" in float32, "augmented" in reduced precision where the CPU has AMX
+    tiles, else "chunked"; "augmented" on other devices."""
+    if query.device.type != "cpu":
+        return "augmented"
+    if query.dtype == torch.float32:
+        return "bias_by_head"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "augmented" if amx else "chunked"
+
+
+def chunked_biased_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    max_logits: int = CHUNKED_LOGITS,
+) -> torch.Tensor:
+    """`softmax(scale * q @ k^T + bias) @ v` with SAM's decomposed bias `bias[(r, c), (kr, kc)] = rel_h[(r, c), kr] +
+    rel_w[(r, c), kc]`, in transformers' order of operations (`SamVisionAttention`, eager), by slices.
+
+    The `batch_size * heads` attention problems are taken in groups and their queries in row blocks, so that each
+    slice holds at most `max_logits` logits: no `(tokens, tokens)` tensor of all heads is built, and on CPU a slice
+    and its bias stay in cache.
+
+    Args:
+        query, key, value: `(batch_size, heads, tokens, head_dim)` with `tokens = height * width`.
+        rel_h: `(batch_size, heads, tokens, height)`, `q . R_h[r, kr]` per query.
+        rel_w: `(batch_size, heads, tokens, width)`, `q . R_w[c, kc]` per query.
+        scale: the logit scale (`head_dim ** -0.5` in SAM).
+        max_logits: the most logits per slice.
+
+    Returns:
+        `(batch_size, heads, tokens, head_dim)` in `query`'s dtype. Differentiable.
+    """
+    batch_size, heads, tokens, head_dim = query.shape
+    problems = batch_size * heads
+    query = (query * scale).reshape(problems, tokens, head_dim)
+    # Transposed once (matmul would copy a transposed view for every row block).
+    key_transposed = key.reshape(problems, tokens, head_dim).transpose(1, 2).contiguous()
+    value = value.reshape(problems, tokens, head_dim)
+    rel_h, rel_w = rel_h.reshape(problems, tokens, -1), rel_w.reshape(problems, tokens, -1)
+    rows = min(tokens, max(1, max_logits // tokens))
+    group = max(1, max_logits // (rows * tokens))
+    outputs = []
+    for start in range(0, problems, group):
+        problem = slice(start, start + group)
+        blocks = []
+        for row in range(0, tokens, rows):
+            block = slice(row, row + rows)
+            logits = torch.matmul(query[problem, block], key_transposed[problem])
+            bias = rel_h[problem, block, :, None] + rel_w[problem, block, None, :]
+            logits = logits + bias.view(logits.shape)
+            blocks.append(torch.matmul(logits.softmax(dim=-1), value[problem]))
+        outputs.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
+    output = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
+    return output.view(batch_size, heads, tokens, head_dim)
 
 
 def sam_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -190,6 +263,8 @@ __all__ = [
     "FAST_PATH_FAMILIES",
     "SAM_ATTENTION_METHODS",
     "block_outputs",
+    "chunked_biased_attention",
+    "default_sam_attention_method",
     "sam_attention",
     "sam_layer",
     "transformer_blocks",
