@@ -117,6 +117,61 @@ def test_optimize_for_inference_in_bfloat16_stays_close_to_float32(head_route):
         torch.testing.assert_close(low.router_weights["depth"], reference.router_weights["depth"], atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("chunked_is_faster", [True, False], ids=["chunked-attention", "sdpa"])
+def test_stem_attention_runs_chunked_where_that_is_faster_with_the_outputs_and_gradients_of_sdpa(
+    chunked_is_faster, monkeypatch
+):
+    """With the default "sdpa" the stem attends with `chunked_attention` exactly where `chunked_attention_is_faster`
+    says so (forced both ways here, as a CPU with or without AMX decides): deployed in bfloat16 with SDPA's outputs up
+    to bfloat16 rounding, and in training under bf16 autocast with its loss and gradients; "eager" and float32 keep
+    transformers' attention interface."""
+    import modeling_sak.remote_code.modeling_sak as modeling
+
+    calls = []
+    real_chunked = modeling.chunked_attention
+    monkeypatch.setattr(modeling, "chunked_attention", lambda *a, **k: calls.append(1) or real_chunked(*a, **k))
+    faster = {"value": chunked_is_faster}
+    monkeypatch.setattr(
+        modeling, "chunked_attention_is_faster", lambda q: faster["value"] and q.dtype == torch.bfloat16
+    )
+    layers = tiny_config().stem_config.num_hidden_layers
+    model = make_model()
+    x = image(2, (128, 160))
+    with torch.inference_mode():
+        faster["value"] = False
+        expected = copy.deepcopy(model).optimize_for_inference()(x)
+        faster["value"] = chunked_is_faster
+        actual = copy.deepcopy(model).optimize_for_inference()(x)
+        assert len(calls) == (layers if chunked_is_faster else 0)
+        calls.clear()
+        copy.deepcopy(model).optimize_for_inference(dtype=None)(x)
+        eager = copy.deepcopy(model).optimize_for_inference()
+        eager.config._attn_implementation = "eager"
+        eager(x)
+        assert calls == []
+    for task, value in expected.task_outputs.items():
+        error = (actual.task_outputs[task].float() - value.float()).norm() / value.float().norm()
+        assert error < 1e-2, (task, error)
+
+    labels = nyud_labels(2, 128, 160)
+    results = {}
+    for run in ("float32", "sdpa", "chunked"):
+        faster["value"] = run == "chunked" and chunked_is_faster
+        student = copy.deepcopy(model).train()
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run != "float32"):
+            loss = student(x, labels=labels).loss
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in student.parameters() if p.requires_grad])
+        results[run] = loss.detach(), grads
+    assert len(calls) == (layers if chunked_is_faster else 0)
+    reference_loss, reference_grads = results["float32"]
+    errors = {run: (grads - reference_grads).norm() / reference_grads.norm() for run, (_, grads) in results.items()}
+    torch.testing.assert_close(results["chunked"][0], reference_loss, rtol=1e-3, atol=0)
+    # bf16 gradients of this tiny random model are far from float32's (about 16 %) with SDPA too: chunked is no worse.
+    assert errors["chunked"] <= 1.05 * errors["sdpa"], errors
+
+
 def test_weights_changed_after_deployment_reach_the_heads_by_deploying_again(head_route):
     """Deployment is one-way: the fold is taken once; deploying again takes the changed weights."""
     model = make_model()

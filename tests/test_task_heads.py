@@ -29,12 +29,12 @@ def gradient_floor(gradients) -> float:
     return 1e-3 * max(g.abs().max().item() for g in gradients)
 
 
-def plain_resized_conv3x3(tokens, grid, weight, size):
+def plain_resized_conv3x3(tokens, grid, weight, size, bias=None):
     """The reference arithmetic, restated: the token map resized bilinearly, then the 3x3 conv (zero padding 1)."""
     batch, _, channels = tokens.shape
     image = tokens.transpose(1, 2).reshape(batch, channels, *grid)
     resized = F.interpolate(image, size=size, mode="bilinear", align_corners=False)
-    return F.conv2d(resized, weight, padding=1).permute(0, 2, 3, 1)
+    return F.conv2d(resized, weight, bias, padding=1).permute(0, 2, 3, 1)
 
 
 @pytest.mark.parametrize(
@@ -48,18 +48,21 @@ def plain_resized_conv3x3(tokens, grid, weight, size):
         ((4, 4), (2, 3)),  # down-scaling
     ],
 )
-def test_resized_conv3x3_equals_resize_then_conv_with_its_gradients(grid, size):
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_resized_conv3x3_equals_resize_then_conv_with_its_gradients(grid, size, with_bias):
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randn(2, grid[0] * grid[1], 6, dtype=torch.float64, generator=generator, requires_grad=True)
     weight = torch.randn(5, 6, 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
-    expected = plain_resized_conv3x3(tokens, grid, weight, size)
-    actual = resized_conv3x3(tokens, grid, weight, size)
+    bias = torch.randn(5, dtype=torch.float64, generator=generator, requires_grad=True) if with_bias else None
+    expected = plain_resized_conv3x3(tokens, grid, weight, size, bias)
+    actual = resized_conv3x3(tokens, grid, weight, size, bias)
     assert actual.shape == expected.shape == (2, *size, 5)
     assert relative_error(actual, expected) < 1e-12
     upstream = torch.randn(expected.shape, dtype=torch.float64, generator=generator)
+    inputs = (tokens, weight, bias) if with_bias else (tokens, weight)
     for a, e in zip(
-        torch.autograd.grad((actual * upstream).sum(), (tokens, weight)),
-        torch.autograd.grad((expected * upstream).sum(), (tokens, weight)),
+        torch.autograd.grad((actual * upstream).sum(), inputs),
+        torch.autograd.grad((expected * upstream).sum(), inputs),
     ):
         assert relative_error(a, e) < 1e-10
 

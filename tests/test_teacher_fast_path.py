@@ -35,10 +35,10 @@ from transformers import (
 )
 
 from modeling_sak import SAKConfig
+from modeling_sak.remote_code.fast_path_sak import chunked_attention, chunked_attention_is_faster
 from modeling_sak.teachers.committee import SAKTeacher, SAKTeachers, load_teacher, sam_resize_and_pad
 from modeling_sak.teachers.fast_path import (
     SAM_ATTENTION_METHODS,
-    chunked_biased_attention,
     default_sam_attention_method,
     sam_attention,
     transformer_blocks,
@@ -205,12 +205,12 @@ def test_sam_attention_in_bfloat16_is_transformers_eager_attention_up_to_one_rou
             actual = sam_attention(attention, hidden, method)
             assert actual.dtype == torch.bfloat16
             torch.testing.assert_close(actual, expected, rtol=0, atol=2**-8 * expected.abs().max().item())
-    assert default_sam_attention_method(hidden) in ("chunked", "augmented")
+    assert default_sam_attention_method(hidden) == ("chunked" if chunked_attention_is_faster(hidden) else "augmented")
     assert default_sam_attention_method(hidden.float()) == "bias_by_head"
 
 
 @pytest.mark.parametrize("max_logits", [1, 7 * 20, 3 * 20 * 20, 1 << 21])
-def test_chunked_biased_attention_is_the_biased_softmax_attention_for_any_slicing(max_logits):
+def test_chunked_attention_is_the_biased_softmax_attention_for_any_slicing(max_logits):
     """Slices of one row, of 7 rows (a ragged last block), of several heads at once and the whole: all give
     `softmax(scale * q k^T + rel_h[q, kr] + rel_w[q, kc]) v`, written out in float64 with the bias as a full tensor."""
     batch, heads, height, width, head_dim = 2, 3, 4, 5, 8
@@ -220,9 +220,14 @@ def test_chunked_biased_attention_is_the_biased_softmax_attention_for_any_slicin
     rel_w = torch.randn(batch, heads, height * width, width, generator=generator)
     query, key, value, rel_h, rel_w = (t.double() for t in (query, key, value, rel_h, rel_w))
     bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)  # (batch, heads, tokens, tokens)
-    expected = torch.softmax(0.3 * query @ key.transpose(-1, -2) + bias, dim=-1) @ value
-    actual = chunked_biased_attention(query, key, value, rel_h, rel_w, 0.3, max_logits=max_logits)
+    logits = 0.3 * query @ key.transpose(-1, -2)
+    expected = torch.softmax(logits + bias, dim=-1) @ value
+    actual = chunked_attention(query, key, value, 0.3, rel_h, rel_w, max_logits=max_logits)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    unbiased = chunked_attention(query, key, value, 0.3, max_logits=max_logits)
+    torch.testing.assert_close(unbiased, torch.softmax(logits, dim=-1) @ value, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="both rel_h and rel_w"):
+        chunked_attention(query, key, value, 0.3, rel_h)
 
 
 @pytest.mark.parametrize("kind", ["dinov2", "clip", "siglip_full", "vit", "sam"])

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..remote_code.fast_path_sak import chunked_attention, chunked_attention_is_faster
+
 
 # The families whose transformers models the fast path knows how to run block by block.
 FAST_PATH_FAMILIES = ("dinov2", "clip", "siglip", "vit", "sam")
@@ -37,9 +39,6 @@ FAST_PATH_FAMILIES = ("dinov2", "clip", "siglip", "vit", "sam")
 #   0.58 s chunked, 0.66 s no bias at all; 14 x 14 windows: 0.083 s, 0.081 s and 0.055 s);
 # - CUDA: "augmented" (one fused kernel).
 SAM_ATTENTION_METHODS = ("augmented", "bias_by_head", "chunked")
-# The most logits one slice of the "chunked" method holds: 2 ** 21 elements (4 MiB in bfloat16), so that a slice and
-# its bias stay in cache.
-CHUNKED_LOGITS = 1 << 21
 
 
 def _position_indicators(height: int, width: int, extra: int, dtype: torch.dtype, device: torch.device):
@@ -73,9 +72,9 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
     No bias is built, at the price of 2-3x the attention arithmetic. `"bias_by_head"`: the bias of one head at a time,
     written once in the layout SDPA reads (transformers writes all heads' bias, then copies it to that layout).
     `"chunked"`: transformers' eager arithmetic in the same order (logits by matmul, plus `rel_h + rel_w`, softmax,
-    times the value) on slices of heads and query rows of at most `CHUNKED_LOGITS` logits each
-    ([`chunked_biased_attention`]), so no slice leaves the cache; in bfloat16 on CPU it gives the bits of
-    transformers' eager attention (tested).
+    times the value) on slices of heads and query rows small enough to stay in cache
+    ([`~modeling_sak.remote_code.fast_path_sak.chunked_attention`]); in bfloat16 it differs from transformers' eager
+    attention by at most one rounding of the output (its softmax rounds once, not through float32; tested).
     """
     batch_size, height, width, _ = hidden_states.shape
     heads, tokens = attention.num_attention_heads, height * width
@@ -99,7 +98,7 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
             value = F.pad(value, (0, height + width + extra))
             output = F.scaled_dot_product_attention(query, key, value, scale=1.0)[..., :head_dim]
         elif method == "chunked":
-            output = chunked_biased_attention(query, key, value, rel_h, rel_w, attention.scale)
+            output = chunked_attention(query, key, value, attention.scale, rel_h, rel_w)
         else:
             output = query.new_empty(batch_size, heads, tokens, head_dim)
             bias = query.new_empty(batch_size, 1, tokens, height, width)
@@ -121,64 +120,11 @@ def sam_attention(attention: nn.Module, hidden_states: torch.Tensor, method: str
 
 def default_sam_attention_method(query: torch.Tensor) -> str:
     """The [`sam_attention`] method that measured fastest for `query`'s dtype and device (see
-    `SAM_ATTENTION_METHODS`): on CPU "bias_by_head" in float32, "augmented" in reduced precision where the CPU has AMX
-    tiles, else "chunked"; "augmented" on other devices."""
-    if query.device.type != "cpu":
-        return "augmented"
-    if query.dtype == torch.float32:
-        return "bias_by_head"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return "augmented" if amx else "chunked"
-
-
-def chunked_biased_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    scale: float,
-    max_logits: int = CHUNKED_LOGITS,
-) -> torch.Tensor:
-    """`softmax(scale * q @ k^T + bias) @ v` with SAM's decomposed bias `bias[(r, c), (kr, kc)] = rel_h[(r, c), kr] +
-    rel_w[(r, c), kc]`, in transformers' order of operations (`SamVisionAttention`, eager), by slices.
-
-    The `batch_size * heads` attention problems are taken in groups and their queries in row blocks, so that each
-    slice holds at most `max_logits` logits: no `(tokens, tokens)` tensor of all heads is built, and on CPU a slice
-    and its bias stay in cache.
-
-    Args:
-        query, key, value: `(batch_size, heads, tokens, head_dim)` with `tokens = height * width`.
-        rel_h: `(batch_size, heads, tokens, height)`, `q . R_h[r, kr]` per query.
-        rel_w: `(batch_size, heads, tokens, width)`, `q . R_w[c, kc]` per query.
-        scale: the logit scale (`head_dim ** -0.5` in SAM).
-        max_logits: the most logits per slice.
-
-    Returns:
-        `(batch_size, heads, tokens, head_dim)` in `query`'s dtype. Differentiable.
-    """
-    batch_size, heads, tokens, head_dim = query.shape
-    problems = batch_size * heads
-    query = (query * scale).reshape(problems, tokens, head_dim)
-    # Transposed once (matmul would copy a transposed view for every row block).
-    key_transposed = key.reshape(problems, tokens, head_dim).transpose(1, 2).contiguous()
-    value = value.reshape(problems, tokens, head_dim)
-    rel_h, rel_w = rel_h.reshape(problems, tokens, -1), rel_w.reshape(problems, tokens, -1)
-    rows = min(tokens, max(1, max_logits // tokens))
-    group = max(1, max_logits // (rows * tokens))
-    outputs = []
-    for start in range(0, problems, group):
-        problem = slice(start, start + group)
-        blocks = []
-        for row in range(0, tokens, rows):
-            block = slice(row, row + rows)
-            logits = torch.matmul(query[problem, block], key_transposed[problem])
-            bias = rel_h[problem, block, :, None] + rel_w[problem, block, None, :]
-            logits = logits + bias.view(logits.shape)
-            blocks.append(torch.matmul(logits.softmax(dim=-1), value[problem]))
-        outputs.append(torch.cat(blocks, dim=1) if len(blocks) > 1 else blocks[0])
-    output = torch.cat(outputs) if len(outputs) > 1 else outputs[0]
-    return output.view(batch_size, heads, tokens, head_dim)
+    `SAM_ATTENTION_METHODS`): "chunked" where `chunked_attention_is_faster` (bfloat16 on a CPU without AMX), else
+    "bias_by_head" in float32 on CPU and "augmented" otherwise."""
+    if chunked_attention_is_faster(query):
+        return "chunked"
+    return "bias_by_head" if (query.device.type, query.dtype) == ("cpu", torch.float32) else "augmented"
 
 
 def sam_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -263,7 +209,6 @@ __all__ = [
     "FAST_PATH_FAMILIES",
     "SAM_ATTENTION_METHODS",
     "block_outputs",
-    "chunked_biased_attention",
     "default_sam_attention_method",
     "sam_attention",
     "sam_layer",
