@@ -70,7 +70,7 @@ def resized_conv3x3(
         conv3x3(resize(x), W)[o] = sum over (dy, dx) of A_dy @ (W[:, :, dy, dx] @ x)[o] @ A_dx^T
 
     i.e. one matmul with `9 * out_channels` outputs on the patch grid, then one matmul per axis with the stacked
-    `A_d` (the last one adds `bias` as it accumulates: no pass of its own). Exact for any `grid` and `size` (borders,
+    `A_d` (the first one adds `bias`, on the centre tap: no pass of its own). Exact for any `grid` and `size` (borders,
     non-integer and down-scaling included); for a x4 resize it does about 1/11 of the conv's FLOPs at ViT-B width.
     Differentiable in `tokens`, `weight` and `bias`; runs in their dtype (the matmul dtype under autocast).
 
@@ -98,18 +98,18 @@ def resized_conv3x3(
     # Rows (o, dy, dx): per output channel a (C, 9) -> (9, C) transpose, cache-friendly (moving O innermost instead,
     # a transpose of the whole (O, 9 C) matrix, took 24x longer on CPU).
     taps = weight.view(out_channels, in_channels, 9).transpose(1, 2).reshape(9 * out_channels, in_channels)
-    per_tap = F.linear(tokens, taps).view(batch, h, w, out_channels, 3, 3)  # (B, i, j, o, dy, dx)
+    # The bias rides on the centre tap (dy = dx = 1), whose resize matrices are the plain bilinear ones: their rows sum
+    # to 1, so a constant added on the patch grid comes out unchanged at every output pixel, and the first matmul
+    # adds it as it accumulates.
+    if bias is not None:
+        bias = F.pad(bias.to(taps.dtype)[:, None], (4, 4)).reshape(9 * out_channels)
+    per_tap = F.linear(tokens, taps, bias).view(batch, h, w, out_channels, 3, 3)  # (B, i, j, o, dy, dx)
     per_tap = per_tap.permute(0, 4, 1, 2, 5, 3)  # (B, dy, i, j, dx, o)
     rows = _tap_resize_matrix(h, height).to(per_tap.device, per_tap.dtype)  # columns (dy, i)
     resized_rows = torch.matmul(rows, per_tap.reshape(batch, 3 * h, w * 3 * out_channels))  # (B, height, j dx o)
     columns = _tap_resize_matrix(w, width).view(width, 3, w).transpose(1, 2).reshape(width, 3 * w)  # columns (j, dx)
     columns = columns.to(resized_rows.device, resized_rows.dtype)
-    resized_rows = resized_rows.view(batch * height, w * 3, out_channels)
-    if bias is None:
-        output = torch.matmul(columns, resized_rows)  # (B * height, width, O)
-    else:
-        columns = columns.expand(batch * height, width, 3 * w)
-        output = torch.baddbmm(bias.to(resized_rows.dtype), columns, resized_rows)
+    output = torch.matmul(columns, resized_rows.view(batch * height, w * 3, out_channels))  # (B * height, width, O)
     return output.view(batch, height, width, out_channels)
 
 
