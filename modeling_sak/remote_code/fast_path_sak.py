@@ -1,7 +1,7 @@
 """Fast arithmetic of SAK: the bilinear resize + 3x3 conv computed on the patch grid ([`resized_conv3x3`], used by
 `SAKTaskHead` in training and at inference), the deployed (inference-only) head made by
 `SAKForMultiTask.optimize_for_inference()` ([`SAKDeployedTaskHead`]: BatchNorm folded into the conv), and attention
-by cache-sized slices ([`chunked_attention`], used by the deployed stem and by the SAM teacher on CPUs where it beats
+by cache-sized slices ([`chunked_attention`], used by the stem and by the SAM teacher on CPUs where it beats
 SDPA).
 """
 
