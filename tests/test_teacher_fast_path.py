@@ -201,7 +201,9 @@ def test_sam_attention_in_bfloat16_is_transformers_eager_attention_up_to_one_rou
     hidden = torch.randn(*shape, dtype=torch.bfloat16)
     with torch.inference_mode():
         expected = attention(hidden)[0]
-        for method in ("chunked", None):
+        # None is the default, "chunked" only where chunked_attention_is_faster (no AMX); elsewhere the default's
+        # bf16 rounding is SDPA's, checked against float32 by the tests above.
+        for method in ("chunked", None) if chunked_attention_is_faster(hidden) else ("chunked",):
             actual = sam_attention(attention, hidden, method)
             assert actual.dtype == torch.bfloat16
             torch.testing.assert_close(actual, expected, rtol=0, atol=2**-8 * expected.abs().max().item())

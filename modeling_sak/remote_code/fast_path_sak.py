@@ -120,14 +120,20 @@ CHUNKED_LOGITS = 1 << 21
 
 def chunked_attention_is_faster(query: torch.Tensor) -> bool:
     """Whether [`chunked_attention`] measured faster than torch's SDPA for `query`: bfloat16 on a CPU without AMX tiles
-    (an AMD EPYC with AVX-512 bf16, 2 threads: 18 against 29 ms for a ViT-B layer at 1009 tokens; 0.58 against 0.66 s
-    for a global layer of SAM-B at 4096 tokens, before its bias). Not under `torch.compile` or `torch.export`, whose
-    graphs take SDPA."""
+    (an AMD EPYC with AVX-512 bf16, 2 threads: 18 against 29 ms for a ViT-B layer at 1009 tokens; 0.58 s with SAM's
+    bias against 0.66 s for SDPA with no bias at all, a global layer of SAM-B at 4096 tokens). Not under
+    `torch.compile` or `torch.export`, whose graphs take SDPA."""
     if query.device.type != "cpu" or query.dtype != torch.bfloat16:
         return False
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
-    return not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return not _cpu_has_amx()
+
+
+@functools.cache
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (asked once: every attention layer of every forward asks)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def chunked_attention(
