@@ -26,6 +26,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from modeling_sak.cli import advance, bad_input_exits, progress_bar
+from modeling_sak.cpu_allocator import configure_cpu_allocator
 from modeling_sak.evaluation.loop import evaluate, evaluation_mode
 from modeling_sak.evaluation.registry import METRICS_VERSION
 from modeling_sak.teachers.committee import SAKTeachers
@@ -287,6 +288,7 @@ def _main(argv: list[str] | None = None) -> None:
     # Every check that needs no long work, before any: stem, teachers, dataset, init_from, output_dir.
     check_recipe(recipe, args.resume_from_checkpoint, args.overwrite_output_dir)
     output_dir = Path(recipe.output_dir)
+    configure_cpu_allocator(recipe.cpu_allocator)  # before the first step's tensors: freed memory stays mapped
     if args.num_threads or not torch.cuda.is_available():
         import psutil
 

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from ..cli import bad_input_exits, check_model_argument
+from ..cpu_allocator import configure_cpu_allocator
 from ..evaluation.pictures import save_task_pictures
 from ..remote_code.image_io_sak import load_rgb_image
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 @torch.inference_mode()  # with `.eval()` below: eval-mode outputs and no autograd, as every evaluation path
 def _main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_cpu_allocator()  # a loop of forwards: freed tensors stay mapped (same outputs)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size {args.batch_size}: must be at least 1")
     check_model_argument(args.model)

@@ -144,6 +144,12 @@ class Recipe:
         "compile the student for training with torch.compile (Accelerate's dynamo_backend='inductor'); the first "
         "steps compile (minutes on a CPU); measured slower than eager on a 2-core CPU (docs/speed_and_memory.md)",
     )
+    cpu_allocator: Literal["tuned", "default"] = _field(
+        "tuned",
+        "'tuned': glibc's malloc keeps freed CPU memory mapped, so a step does not fault its tensors in again (the same "
+        "numbers, steps about a tenth faster on a 2-core CPU (docs/speed_and_memory.md); the process keeps its peak heap), "
+        "'default': glibc's own thresholds (`modeling_sak.cpu_allocator`)",
+    )
     gradient_checkpointing: bool = _field(
         False,
         "recompute each stem block in the backward pass instead of keeping its activations (transformers' "
