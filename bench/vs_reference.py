@@ -11,17 +11,22 @@ defaults (the per-parameter loop on CPU), gradient clipping at 10, their loss as
 (`flops.reference_loss`).
 
 Training variants (`--train_size`, batch `--batch`):
-- `reference-bf16`: the authors' model as above;
-- `sak-plain-loop`: SAK as it trained before the low-resolution heads and the fused optimizer (`head_implementation=
-  "plain"`, the loop AdamW), with the bf16 fast teacher path and bf16 autocast;
-- `sak`: SAK as `train_accelerate.py` trains it now (low-resolution heads, `make_optimizer`'s fused AdamW), same
-  teachers and autocast.
+- `reference-bf16`: the authors' model as above, glibc's default malloc;
+- `reference-bf16-tuned-allocator`: the same with the malloc settings SAK's commands use
+  (`modeling_sak.cpu_allocator`), a control: how much of SAK's lead is the allocator;
+- `sak-plain-loop`: SAK as it trained before the low-resolution heads, the fused optimizer and the allocator settings
+  (`head_implementation="plain"`, the loop AdamW), with the bf16 fast teacher path and bf16 autocast;
+- `sak-default-allocator`: SAK as below with glibc's default malloc;
+- `sak`: SAK as `train_accelerate.py` trains it now (low-resolution heads, `make_optimizer`'s fused AdamW,
+  `cpu_allocator: tuned`), same teachers and autocast.
 Each step is split into teachers, student forward (with the loss), backward, and clipping + optimizer step; "student"
 is the sum of the last three.
 
 Inference variants (`--inference_size`, batch 1, `torch.inference_mode()`): `reference-fp32`, `reference-bf16`
-(autocast), `sak-plain-fp32` (eager float32 with the plain heads), `sak-fp32` (eager float32, default heads),
-`sak-deployed` (`optimize_for_inference()`, bfloat16).
+(autocast), `reference-bf16-tuned-allocator` (the control), `sak-plain-fp32` (eager float32 with the plain heads, the
+default malloc), `sak-fp32` (eager float32, default heads), `sak-deployed-default-allocator` and `sak-deployed`
+(`optimize_for_inference()`, bfloat16); `sak-fp32` and `sak-deployed` with the malloc settings, as `sak-predict` and
+`sak-evaluate` run.
 
 Every (variant) runs in a fresh subprocess with `--threads` intra-op threads, `--rounds` times in alternation (one
 warm-up, then `--repeats` timed runs each); medians over all timed runs are reported, with each round's median so
@@ -45,8 +50,33 @@ from train_step import build_student, build_teachers, run_job, teacher_configs
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TRAINING_VARIANTS = ("reference-bf16", "sak-plain-loop", "sak")
-INFERENCE_VARIANTS = ("reference-fp32", "reference-bf16", "sak-plain-fp32", "sak-fp32", "sak-deployed")
+TRAINING_VARIANTS = (
+    "reference-bf16",
+    "reference-bf16-tuned-allocator",
+    "sak-plain-loop",
+    "sak-default-allocator",
+    "sak",
+)
+INFERENCE_VARIANTS = (
+    "reference-fp32",
+    "reference-bf16",
+    "reference-bf16-tuned-allocator",
+    "sak-plain-fp32",
+    "sak-fp32",
+    "sak-deployed-default-allocator",
+    "sak-deployed",
+)
+# What each variant's process does with glibc's malloc (`modeling_sak.cpu_allocator`): SAK as its commands run it
+# (train_accelerate.py, sak-evaluate, sak-predict) keeps freed memory mapped; the reference and SAK as it was run
+# before keep glibc's defaults; the two named controls swap that, so the allocator's share of each ratio is visible.
+TUNED_ALLOCATOR = ("sak", "sak-fp32", "sak-deployed", "reference-bf16-tuned-allocator")
+
+
+def model_variant(variant: str) -> str:
+    """The variant without its allocator suffix (the model and precision it runs)."""
+    return variant.removesuffix("-tuned-allocator").removesuffix("-default-allocator")
+
+
 STEP_PARTS = ("teachers", "forward", "backward", "optimizer")
 
 
@@ -59,10 +89,12 @@ def timed(function) -> tuple[object, float]:
 def training_worker(job: dict) -> dict:
     from flops import build_reference, reference_loss
 
+    from modeling_sak.cpu_allocator import configure_cpu_allocator
     from modeling_sak.training.optimization import make_optimizer, parameter_groups
 
+    configure_cpu_allocator("tuned" if job["variant"] in TUNED_ALLOCATOR else "default")
     size, batch, seed = tuple(job["size"]), job["batch"], job["seed"]
-    variant = job["variant"]
+    variant = model_variant(job["variant"])
     reference = variant == "reference-bf16"
     heads = "plain" if variant == "sak-plain-loop" else "low_resolution"
     student = build_student("base", size, 768, seed=seed, head_implementation=heads).train()
@@ -115,7 +147,10 @@ def training_worker(job: dict) -> dict:
 def inference_worker(job: dict) -> dict:
     from flops import build_reference
 
-    size, seed, variant = tuple(job["size"]), job["seed"], job["variant"]
+    from modeling_sak.cpu_allocator import configure_cpu_allocator
+
+    configure_cpu_allocator("tuned" if job["variant"] in TUNED_ALLOCATOR else "default")
+    size, seed, variant = tuple(job["size"]), job["seed"], model_variant(job["variant"])
     if variant.startswith("reference"):
         model = build_reference(size, seed).eval()
     else:
@@ -228,20 +263,20 @@ def main() -> None:
 
     print(f"\ntraining step {args.train_size}, batch {args.batch}: median seconds")
     print(
-        f"{'variant':<16}"
+        f"{'variant':<32}"
         + "".join(f"{p:>10}" for p in STEP_PARTS)
         + f"{'student':>9}{'x ref':>7}{'step':>8}{'x ref':>7}"
     )
     for name, row in report["training_step"]["variants"].items():
         cells = "".join(f"{row['parts'][p]:>10.2f}" for p in STEP_PARTS)
         print(
-            f"{name:<16}{cells}{row['student_seconds']:>9.2f}{row['student_ratio_to_reference']:>7.2f}"
+            f"{name:<32}{cells}{row['student_seconds']:>9.2f}{row['student_ratio_to_reference']:>7.2f}"
             f"{row['step_seconds']:>8.2f}{row['step_ratio_to_reference']:>7.2f}"
         )
     print(f"\ninference {args.inference_size}, batch 1: median seconds")
     for name, row in report["inference"]["variants"].items():
         print(
-            f"{name:<16}{row['seconds']:>8.3f}  x ref-bf16 {row['ratio_to_reference_bf16']:.2f}  "
+            f"{name:<32}{row['seconds']:>8.3f}  x ref-bf16 {row['ratio_to_reference_bf16']:.2f}  "
             f"x ref-fp32 {row['ratio_to_reference_fp32']:.2f}"
         )
     print(f"results written to {args.output}")

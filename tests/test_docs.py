@@ -20,7 +20,15 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Paths a page may name that a run writes (they do not exist in a fresh clone).
 WRITTEN = ("outputs/", "nyud-v2-multitask", "sak-vitb-nyud", "lora_adapter/", "final/", "stage1/")
 # `sak-` names that are not commands: the pipeline's, and the variants the benchmarks compare.
-NOT_COMMANDS = {"sak-multi-task", "sak-plain", "sak-plain-loop", "sak-plain-fp32", "sak-fp32", "sak-deployed"}
+NOT_COMMANDS = {
+    "sak-multi-task",
+    "sak-plain",
+    "sak-plain-loop",
+    "sak-plain-fp32",
+    "sak-fp32",
+    "sak-deployed",
+    "sak-default-allocator",
+}
 REPOSITORY_FOLDERS = (
     "modeling_sak/",
     "tests/",
