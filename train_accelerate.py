@@ -26,12 +26,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from modeling_sak.cli import advance, bad_input_exits, progress_bar
-from modeling_sak.cpu_allocator import configure_cpu_allocator
 from modeling_sak.evaluation.loop import evaluate, evaluation_mode
 from modeling_sak.evaluation.registry import METRICS_VERSION
 from modeling_sak.teachers.committee import SAKTeachers
 from modeling_sak.teachers.specialists import DEFAULT_CACHE, PACKAGE, source_fingerprint
 from modeling_sak.training.checkpoints import clear_run, resolve_checkpoint, save_checkpoint, training_state
+from modeling_sak.training.cpu_allocator import configure_cpu_allocator
 from modeling_sak.training.loaders import make_loader, resolve_data_and_teachers
 from modeling_sak.training.lora import merge_lora
 from modeling_sak.training.optimization import check_finite, make_optimizer, make_scheduler

@@ -13,7 +13,7 @@ defaults (the per-parameter loop on CPU), gradient clipping at 10, their loss as
 Training variants (`--train_size`, batch `--batch`):
 - `reference-bf16`: the authors' model as above, glibc's default malloc;
 - `reference-bf16-tuned-allocator`: the same with the malloc settings SAK's commands use
-  (`modeling_sak.cpu_allocator`), a control: how much of SAK's lead is the allocator;
+  (`modeling_sak.training.cpu_allocator`), a control: how much of SAK's lead is the allocator;
 - `sak-plain-loop`: SAK as it trained before the low-resolution heads, the fused optimizer and the allocator settings
   (`head_implementation="plain"`, the loop AdamW), with the bf16 fast teacher path and bf16 autocast;
 - `sak-default-allocator`: SAK as below with glibc's default malloc;
@@ -66,7 +66,7 @@ INFERENCE_VARIANTS = (
     "sak-deployed-default-allocator",
     "sak-deployed",
 )
-# What each variant's process does with glibc's malloc (`modeling_sak.cpu_allocator`): SAK as its commands run it
+# What each variant's process does with glibc's malloc (`modeling_sak.training.cpu_allocator`): SAK as its commands run it
 # (train_accelerate.py, sak-evaluate, sak-predict) keeps freed memory mapped; the reference and SAK as it was run
 # before keep glibc's defaults; the two named controls swap that, so the allocator's share of each ratio is visible.
 TUNED_ALLOCATOR = ("sak", "sak-fp32", "sak-deployed", "reference-bf16-tuned-allocator")
@@ -89,7 +89,7 @@ def timed(function) -> tuple[object, float]:
 def training_worker(job: dict) -> dict:
     from flops import build_reference, reference_loss
 
-    from modeling_sak.cpu_allocator import configure_cpu_allocator
+    from modeling_sak.training.cpu_allocator import configure_cpu_allocator
     from modeling_sak.training.optimization import make_optimizer, parameter_groups
 
     configure_cpu_allocator("tuned" if job["variant"] in TUNED_ALLOCATOR else "default")
@@ -147,7 +147,7 @@ def training_worker(job: dict) -> dict:
 def inference_worker(job: dict) -> dict:
     from flops import build_reference
 
-    from modeling_sak.cpu_allocator import configure_cpu_allocator
+    from modeling_sak.training.cpu_allocator import configure_cpu_allocator
 
     configure_cpu_allocator("tuned" if job["variant"] in TUNED_ALLOCATOR else "default")
     size, seed, variant = tuple(job["size"]), job["seed"], model_variant(job["variant"])

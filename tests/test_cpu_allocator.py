@@ -1,4 +1,4 @@
-"""The glibc malloc settings of SAK's commands (`modeling_sak.cpu_allocator`): a real training step of the student
+"""The glibc malloc settings of SAK's commands (`modeling_sak.training.cpu_allocator`): a real training step of the student
 faults far fewer pages with them and computes bit-identical parameters; train_accelerate.py applies the recipe's
 choice; a bad value is named."""
 
@@ -18,13 +18,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
-# A stage-2 step of a real SAKForMultiTask (a width-192 ViT stem, three teachers, the four NYUD-v2 tasks at 112 x 144,
-# batch 2; the heads' quarter-resolution maps are MiB-sized, as a real student's are), five times after two warm-up
-# steps: the minor page faults per step and a hash of every parameter and AdamW moment afterwards.
+# A stage-2 step of a real SAKForMultiTask (a 4-block width-384 ViT stem, three teachers, the four NYUD-v2 tasks at
+# 224 x 288, batch 2: the training size of bench/vs_reference.py, the heads' quarter-resolution maps MiB-sized), five
+# times after two warm-up steps: the minor page faults per step and a hash of every parameter and AdamW moment afterwards.
 STEPS = r"""
 import hashlib, json, resource, sys
 import torch
-from modeling_sak.cpu_allocator import configure_cpu_allocator
+from modeling_sak.training.cpu_allocator import configure_cpu_allocator
 applied = configure_cpu_allocator(sys.argv[1])
 sys.path.insert(0, sys.argv[2])
 from conftest import nyud_labels, tiny_config, tiny_stem
@@ -32,14 +32,14 @@ from modeling_sak import SAKForMultiTask
 from modeling_sak.training.optimization import make_optimizer
 
 torch.manual_seed(0)
-size = (112, 144)
-stem = tiny_stem(hidden_size=192, num_attention_heads=3, intermediate_size=768)
-model = SAKForMultiTask(tiny_config(stem_config=stem, image_size=list(size), teachers=dict.fromkeys(("dinov2", "clip", "sam"), 192))).train()
+size = (224, 288)
+stem = tiny_stem(hidden_size=384, num_attention_heads=6, intermediate_size=1536)
+model = SAKForMultiTask(tiny_config(stem_config=stem, image_size=list(size), teachers=dict.fromkeys(("dinov2", "clip", "sam"), 384))).train()
 optimizer = make_optimizer(model, 1e-4, 1e-6)
 pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
 labels = nyud_labels(2, *size, seed=2)
 grid = (size[0] // 16, size[1] // 16)
-teachers = {name: [torch.randn(2, 192, *grid, generator=torch.Generator().manual_seed(3 + i)) for _ in range(4)]
+teachers = {name: [torch.randn(2, 384, *grid, generator=torch.Generator().manual_seed(3 + i)) for _ in range(4)]
             for i, name in enumerate(("dinov2", "clip", "sam"))}
 
 def step():
@@ -82,14 +82,15 @@ def test_tuned_allocator_faults_far_fewer_pages_per_training_step_and_trains_bit
     assert default["applied"] == {}
     assert tuned["applied"] == {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 2 * 2**30}
     # glibc's defaults map the step's large tensors afresh every step; the settings keep them mapped.
-    assert default["faults_per_step"] > 1000, default
-    assert tuned["faults_per_step"] < default["faults_per_step"] / 10, (default, tuned)
+    # (Measured here: 37,000 against 2,700 per step; two untuned processes differ by up to 2x.)
+    assert default["faults_per_step"] > 10_000, default
+    assert tuned["faults_per_step"] < default["faults_per_step"] / 5, (default, tuned)
     # Where memory comes from changes no arithmetic: every parameter, buffer and AdamW moment is bit-identical.
     assert tuned["digest"] == default["digest"]
 
 
 def test_a_mode_that_does_not_exist_is_named_with_the_choices():
-    from modeling_sak.cpu_allocator import configure_cpu_allocator
+    from modeling_sak.training.cpu_allocator import configure_cpu_allocator
 
     with pytest.raises(ValueError, match=r"cpu_allocator='jemalloc' is not one of \('tuned', 'default'\)"):
         configure_cpu_allocator("jemalloc")
@@ -115,7 +116,7 @@ def test_train_accelerate_applies_the_recipe_allocator_and_refuses_a_bad_one(tmp
     # The script applies the parsed value: what the module reports once `_main` has configured the process (the
     # probe stops it at the Accelerator, which comes next).
     probe = (
-        "import sys, train_accelerate as t, modeling_sak.cpu_allocator as c\n"
+        "import sys, train_accelerate as t, modeling_sak.training.cpu_allocator as c\n"
         "t.Accelerator = lambda *a, **k: (_ for _ in ()).throw(SystemExit(0))\n"
         "try:\n    t._main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
         "print(sorted(c.configure_cpu_allocator('default')))\n"

@@ -28,13 +28,13 @@ from accelerate import Accelerator
 from transformers import AutoModel
 
 from ..cli import bad_input_exits, check_model_argument, looks_like_path
-from ..cpu_allocator import configure_cpu_allocator
 from ..data.loading import MultiTaskStream, load_multitask_split
 from ..data.transforms import MultiTaskTransform
 from ..evaluation.loop import evaluate, evaluation_mode
 from ..evaluation.pictures import denormalize, prediction_grid, save_task_pictures
 from ..evaluation.registry import BOUNDARY_KINDS, SINGLE_TASK_BASELINES, delta_m
 from ..remote_code.image_processing_sak import SAKImageProcessor
+from ..training.cpu_allocator import configure_cpu_allocator
 from ..training.sharding import distributed_without_gpu
 
 

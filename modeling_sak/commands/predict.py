@@ -25,9 +25,9 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from ..cli import bad_input_exits, check_model_argument
-from ..cpu_allocator import configure_cpu_allocator
 from ..evaluation.pictures import save_task_pictures
 from ..remote_code.image_io_sak import load_rgb_image
+from ..training.cpu_allocator import configure_cpu_allocator
 
 
 def load_images(paths: list[str]) -> tuple[list[tuple[Path, np.ndarray]], list[str]]:
