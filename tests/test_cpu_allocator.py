@@ -127,3 +127,26 @@ def test_train_accelerate_applies_the_recipe_allocator_and_refuses_a_bad_one(tmp
         result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stderr[-3000:]
         assert result.stdout.strip().splitlines()[-1] == str(expected), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        # Each stops on a bad value checked after the settings are applied (so no model is needed).
+        ("predict", ["image.png", "--model", "m", "--batch_size", "0"]),
+        ("evaluate_model", ["--model", "m", "--dataset", "d", "--baseline", "no-such-metrics.json"]),
+    ],
+)
+def test_sak_predict_and_sak_evaluate_apply_the_tuned_settings(module, argv, tmp_path):
+    probe = (
+        f"import sys, modeling_sak.commands.{module} as command, modeling_sak.training.cpu_allocator as c\n"
+        "try:\n    command._main(sys.argv[1:])\nexcept (SystemExit, ValueError):\n    pass\n"
+        "print(sorted(c.configure_cpu_allocator('default')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = ["M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"] if GLIBC else []
+    assert result.stdout.strip().splitlines()[-1] == str(tuned), (result.stdout, result.stderr[-2000:])
