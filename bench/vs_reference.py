@@ -66,18 +66,16 @@ INFERENCE_VARIANTS = (
     "sak-deployed-default-allocator",
     "sak-deployed",
 )
-# What each variant's process does with glibc's malloc (`modeling_sak.training.cpu_allocator`): SAK as its commands run it
-# (train_accelerate.py, sak-evaluate, sak-predict) keeps freed memory mapped; the reference and SAK as it was run
-# before keep glibc's defaults; the two named controls swap that, so the allocator's share of each ratio is visible.
+# What each variant's process does with glibc's malloc (`modeling_sak.training.cpu_allocator`): SAK as its commands
+# run it (train_accelerate.py, sak-evaluate, sak-predict) keeps freed memory mapped; the reference and SAK as it was
+# run before keep glibc's defaults; the two named controls swap that, so the allocator's share of each ratio is visible.
 TUNED_ALLOCATOR = ("sak", "sak-fp32", "sak-deployed", "reference-bf16-tuned-allocator")
+STEP_PARTS = ("teachers", "forward", "backward", "optimizer")
 
 
 def model_variant(variant: str) -> str:
     """The variant without its allocator suffix (the model and precision it runs)."""
     return variant.removesuffix("-tuned-allocator").removesuffix("-default-allocator")
-
-
-STEP_PARTS = ("teachers", "forward", "backward", "optimizer")
 
 
 def timed(function) -> tuple[object, float]:
@@ -89,10 +87,8 @@ def timed(function) -> tuple[object, float]:
 def training_worker(job: dict) -> dict:
     from flops import build_reference, reference_loss
 
-    from modeling_sak.training.cpu_allocator import configure_cpu_allocator
     from modeling_sak.training.optimization import make_optimizer, parameter_groups
 
-    configure_cpu_allocator("tuned" if job["variant"] in TUNED_ALLOCATOR else "default")
     size, batch, seed = tuple(job["size"]), job["batch"], job["seed"]
     variant = model_variant(job["variant"])
     reference = variant == "reference-bf16"
@@ -147,9 +143,6 @@ def training_worker(job: dict) -> dict:
 def inference_worker(job: dict) -> dict:
     from flops import build_reference
 
-    from modeling_sak.training.cpu_allocator import configure_cpu_allocator
-
-    configure_cpu_allocator("tuned" if job["variant"] in TUNED_ALLOCATOR else "default")
     size, seed, variant = tuple(job["size"]), job["seed"], model_variant(job["variant"])
     if variant.startswith("reference"):
         model = build_reference(size, seed).eval()
@@ -223,7 +216,12 @@ def main() -> None:
     parser.add_argument("--worker_result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
+        from modeling_sak.training.cpu_allocator import configure_cpu_allocator
+
         job = json.loads(args.worker)
+        configure_cpu_allocator(
+            "tuned" if job["variant"] in TUNED_ALLOCATOR else "default"
+        )  # before the worker's tensors
         result = (training_worker if job["kind"] == "training" else inference_worker)(job)
         Path(args.worker_result).write_text(json.dumps(result))
         return

@@ -1,6 +1,6 @@
-"""The glibc malloc settings of SAK's commands (`modeling_sak.training.cpu_allocator`): a real training step of the student
-faults far fewer pages with them and computes bit-identical parameters; train_accelerate.py applies the recipe's
-choice; a bad value is named."""
+"""The glibc malloc settings of SAK's commands (`modeling_sak.training.cpu_allocator`): a real training step of the
+student faults far fewer pages with them and computes bit-identical parameters; train_accelerate.py applies the
+recipe's choice, sak-predict and sak-evaluate the tuned one; a bad value is named."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+TUNED = ["M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"] if GLIBC else []  # what "tuned" sets here
 
 # A stage-2 step of a real SAKForMultiTask (a 4-block width-384 ViT stem, three teachers, the four NYUD-v2 tasks at
 # 224 x 288, batch 2: the training size of bench/vs_reference.py, the heads' quarter-resolution maps MiB-sized), five
-# times after two warm-up steps: the minor page faults per step and a hash of every parameter and AdamW moment afterwards.
+# times after two warm-up steps: the minor page faults per step and a hash of every parameter and AdamW moment
+# afterwards.
 STEPS = r"""
 import hashlib, json, resource, sys
 import torch
@@ -34,7 +36,8 @@ from modeling_sak.training.optimization import make_optimizer
 torch.manual_seed(0)
 size = (224, 288)
 stem = tiny_stem(hidden_size=384, num_attention_heads=6, intermediate_size=1536)
-model = SAKForMultiTask(tiny_config(stem_config=stem, image_size=list(size), teachers=dict.fromkeys(("dinov2", "clip", "sam"), 384))).train()
+teacher_widths = dict.fromkeys(("dinov2", "clip", "sam"), 384)
+model = SAKForMultiTask(tiny_config(stem_config=stem, image_size=list(size), teachers=teacher_widths)).train()
 optimizer = make_optimizer(model, 1e-4, 1e-6)
 pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
 labels = nyud_labels(2, *size, seed=2)
@@ -71,6 +74,26 @@ def run_steps(mode: str) -> dict:
         env=env,
         cwd=ROOT,
         timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def settings_after(
+    call: str, argv: list[str], cwd: Path, setup: str = "", stops: str = "SystemExit, ValueError"
+) -> list[str]:
+    """The names `configure_cpu_allocator` reports as set after `call(argv)` ran in a fresh process of this checkout,
+    `setup` run first on its module (`entry`); the exceptions `stops` end the call (the probes stop right after the
+    settings), any other fails the test."""
+    module, function = call.rsplit(".", 1)
+    probe = (
+        f"import json, sys, {module} as entry, modeling_sak.training.cpu_allocator as allocator\n{setup}\n"
+        f"try:\n    entry.{function}(sys.argv[1:])\nexcept ({stops}):\n    pass\n"
+        "print(json.dumps(sorted(allocator.configure_cpu_allocator('default'))))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -115,18 +138,10 @@ def test_train_accelerate_applies_the_recipe_allocator_and_refuses_a_bad_one(tmp
         assert "cpu_allocator" in result.stderr and "jemalloc" in result.stderr, result.stderr
     # The script applies the parsed value: what the module reports once `_main` has configured the process (the
     # probe stops it at the Accelerator, which comes next).
-    probe = (
-        "import sys, train_accelerate as t, modeling_sak.training.cpu_allocator as c\n"
-        "t.Accelerator = lambda *a, **k: (_ for _ in ()).throw(SystemExit(0))\n"
-        "try:\n    t._main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
-        "print(sorted(c.configure_cpu_allocator('default')))\n"
-    )
-    tuned = ["M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"] if GLIBC else []
-    for extra, expected in (([], tuned), (["--cpu_allocator", "default"], [])):
+    stop = "entry.Accelerator = lambda *a, **k: (_ for _ in ()).throw(SystemExit(0))"
+    for extra, expected in (([], TUNED), (["--cpu_allocator", "default"], [])):
         argv = ["--output_dir", str(tmp_path / f"run{len(extra)}"), *extra]
-        result = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=ROOT)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.strip().splitlines()[-1] == str(expected), result.stdout
+        assert settings_after("train_accelerate._main", argv, ROOT, setup=stop, stops="SystemExit") == expected
 
 
 @pytest.mark.parametrize(
@@ -138,15 +153,4 @@ def test_train_accelerate_applies_the_recipe_allocator_and_refuses_a_bad_one(tmp
     ],
 )
 def test_sak_predict_and_sak_evaluate_apply_the_tuned_settings(module, argv, tmp_path):
-    probe = (
-        f"import sys, modeling_sak.commands.{module} as command, modeling_sak.training.cpu_allocator as c\n"
-        "try:\n    command._main(sys.argv[1:])\nexcept (SystemExit, ValueError):\n    pass\n"
-        "print(sorted(c.configure_cpu_allocator('default')))\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    tuned = ["M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"] if GLIBC else []
-    assert result.stdout.strip().splitlines()[-1] == str(tuned), (result.stdout, result.stderr[-2000:])
+    assert settings_after(f"modeling_sak.commands.{module}._main", argv, tmp_path) == TUNED

@@ -54,10 +54,11 @@ def configure_cpu_allocator(mode: str = "tuned") -> dict[str, int]:
     if mode == "tuned" and not _applied:
         libc = _glibc()
         if libc is not None:
-            settings = {"M_MMAP_THRESHOLD": TUNED_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": TUNED_TRIM_THRESHOLD}
-            codes = {"M_MMAP_THRESHOLD": M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": M_TRIM_THRESHOLD}
-            for name, value in settings.items():
-                if libc.mallopt(ctypes.c_int(codes[name]), ctypes.c_int(value)) == 1:  # 1: accepted
+            for name, code, value in (
+                ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, TUNED_MMAP_THRESHOLD),
+                ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TUNED_TRIM_THRESHOLD),
+            ):
+                if libc.mallopt(ctypes.c_int(code), ctypes.c_int(value)) == 1:  # 1: accepted
                     _applied[name] = value
     return dict(_applied)
 

@@ -146,9 +146,9 @@ class Recipe:
     )
     cpu_allocator: Literal["tuned", "default"] = _field(
         "tuned",
-        "'tuned': glibc's malloc keeps freed CPU memory mapped, so a step does not fault its tensors in again (the same "
-        "numbers, the student's step about a fifth faster on a 2-core CPU (docs/speed_and_memory.md); the process keeps its peak heap), "
-        "'default': glibc's own thresholds (`modeling_sak.training.cpu_allocator`)",
+        "'tuned': glibc's malloc keeps freed CPU memory mapped, so a step does not fault its tensors in again (the "
+        "same numbers, the student's step about a fifth faster on a 2-core CPU, docs/speed_and_memory.md; the process "
+        "keeps its peak heap), 'default': glibc's own thresholds (`modeling_sak.training.cpu_allocator`)",
     )
     gradient_checkpointing: bool = _field(
         False,
